@@ -1,0 +1,106 @@
+"""``ImageClassifier``: a LightningModule around any backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from lightning_wm.mixin import WatermarkMixin
+
+
+class ImageClassifier(WatermarkMixin, L.LightningModule):
+    """Cross-entropy classification with any backbone, accuracy logged for train/val/test.
+
+    Watermark schemes attach through :class:`~lightning_wm.mixin.WatermarkMixin` (their loss terms) and the
+    Trainer's callbacks; the module itself holds no key. Accuracy is the share of argmax predictions equal to
+    the label (a torchmetrics ``MeanMetric`` of correctness, so it stays the K-class task accuracy when a scheme
+    adds a (K+1)-th output).
+
+    Args:
+        backbone: the network, mapping images to logits.
+        num_classes: task classes K (a scheme may add outputs beyond them).
+        optimizer: optimizer factory, set from the CLI the LightningCLI way (``--optimizer.lr``...).
+        lr_scheduler: optional scheduler factory.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int = 10,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.train_accuracy = MeanMetric()
+        self.val_accuracy = MeanMetric()
+        self.test_accuracy = MeanMetric()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_accuracy(logits.argmax(-1) == y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True)
+        return {"loss": loss, "logits": logits}
+
+    def _evaluate(self, batch: Any, stage: str, metric: MeanMetric) -> None:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        metric(logits.argmax(-1) == y)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log(f"{stage}/acc", metric, prog_bar=True)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_accuracy)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_accuracy)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return torch.softmax(self(batch[0]), dim=-1)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
+
+
+def load_classifier(checkpoint: str | Path, backbone: nn.Module | None = None) -> L.LightningModule:
+    """Load a classifier checkpoint written by ``lightning-wm fit`` (or by Python, given its ``backbone``).
+
+    Raises:
+        FileNotFoundError / ValueError: a one-line message naming the file when it does not load.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    try:
+        kwargs = {"backbone": backbone} if backbone is not None else {}
+        model = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True, **kwargs)
+    except TypeError as err:
+        if "backbone" in str(err):
+            raise ValueError(
+                f"checkpoint {checkpoint} does not record its backbone (it was not written by the CLI); "
+                "pass backbone= to load_classifier"
+            ) from None
+        raise ValueError(f"checkpoint {checkpoint} does not load as an ImageClassifier: {err}") from None
+    except Exception as err:  # noqa: BLE001  (any unreadable file ends in the same one-line message)
+        raise ValueError(f"checkpoint {checkpoint} does not load: {type(err).__name__}: {err}") from None
+    return model.eval()

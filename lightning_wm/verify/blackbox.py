@@ -1,0 +1,96 @@
+"""Query-only access to a suspect model, with a query counter."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+Suspect = nn.Module | Callable[[Tensor], Tensor]
+
+
+class BlackBoxModel:
+    """Wrap a module so that it can only be queried, and count the queries.
+
+    The black-box threat model of trigger-set and output-distribution schemes and of the distillation and evasion
+    attacks: the caller sees probabilities (``output="probs"``) or top-1 labels (``output="labels"``), never
+    weights or logits. Each input row is one query.
+
+    Args:
+        model: the module to wrap (an ``ImageClassifier``, a backbone, any ``nn.Module`` returning logits), or a
+            callable that already returns probabilities or labels.
+        output: ``"probs"`` for the softmax distribution, ``"labels"`` for the argmax.
+        temperature: softmax temperature of the probabilities an API would serve.
+        batch_size: queries are sent in chunks of this size.
+    """
+
+    def __init__(
+        self,
+        model: Suspect,
+        output: Literal["probs", "labels"] = "probs",
+        temperature: float = 1.0,
+        batch_size: int = 512,
+    ) -> None:
+        if output not in ("probs", "labels"):
+            raise ValueError(f"output must be 'probs' or 'labels', got {output!r}")
+        self.model = model
+        self.output = output
+        self.temperature = temperature
+        self.batch_size = batch_size
+        self.queries = 0
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> Tensor:
+        chunks = [self._query(chunk) for chunk in x.split(self.batch_size)]
+        self.queries += len(x)
+        return torch.cat(chunks)
+
+    def _query(self, x: Tensor) -> Tensor:
+        if isinstance(self.model, BlackBoxModel):
+            out = self.model(x)
+        elif isinstance(self.model, nn.Module):
+            out = _forward_eval(self.model, x)
+        else:
+            out = self.model(x)
+        if out.dtype in (torch.int64, torch.int32) or out.dim() == 1:
+            if self.output == "probs":
+                raise ValueError("the suspect returns labels only; query it with output='labels'")
+            return out.long()
+        if not isinstance(self.model, nn.Module) or isinstance(self.model, BlackBoxModel):
+            probs = out.float()
+        else:
+            probs = torch.softmax(out.float() / self.temperature, dim=-1)
+        return probs if self.output == "probs" else probs.argmax(dim=-1)
+
+
+def _forward_eval(model: nn.Module, x: Tensor) -> Tensor:
+    """Run ``model`` in eval mode on its own device and dtype, then restore its mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters(), None)
+        if param is not None:
+            x = x.to(device=param.device, dtype=param.dtype if param.is_floating_point() else x.dtype)
+        return model(x).cpu()
+    finally:
+        model.train(was_training)
+
+
+def query_labels(suspect: Suspect, x: Tensor) -> tuple[Tensor, int]:
+    """Top-1 labels of ``suspect`` on ``x`` and the number of queries spent."""
+    box = suspect if isinstance(suspect, BlackBoxModel) else BlackBoxModel(suspect, output="labels")
+    before = box.queries
+    out = box(x)
+    if out.dim() == 2:
+        out = out.argmax(dim=-1)
+    return out, box.queries - before
+
+
+def query_probs(suspect: Suspect, x: Tensor) -> tuple[Tensor, int]:
+    """Output distribution of ``suspect`` on ``x`` and the number of queries spent."""
+    box = suspect if isinstance(suspect, BlackBoxModel) and suspect.output == "probs" else BlackBoxModel(suspect)
+    before = box.queries
+    out = box(x)
+    return out, box.queries - before

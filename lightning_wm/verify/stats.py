@@ -1,0 +1,76 @@
+"""Verification statistics shared by every scheme.
+
+Each scheme reduces a suspect to a count of successes out of a number of trials (bits that match, key queries
+answered with the key label) or to a score; these helpers turn that into a p-value under a stated null.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from scipy import stats
+
+
+def binomial_p_value(successes: int, trials: int, chance: float) -> float:
+    """Exact one-sided binomial tail ``P[Bin(trials, chance) >= successes]``.
+
+    The null of Uchida et al. (each bit matches with probability 1/2) and of trigger sets (an unrelated model
+    gives the key label with the chance rate ``1/K`` or an empirical rate), see papers.md §6.4.
+    """
+    if trials <= 0:
+        raise ValueError(f"binomial_p_value needs at least one trial, got {trials}")
+    if not 0.0 <= chance <= 1.0:
+        raise ValueError(f"chance must be a probability, got {chance}")
+    if successes <= 0:
+        return 1.0
+    return float(stats.binom.sf(successes - 1, trials, chance))
+
+
+def binomial_threshold(trials: int, chance: float, alpha: float) -> int:
+    """Smallest number of successes whose binomial tail p-value is below ``alpha``."""
+    return int(stats.binom.isf(alpha, trials, chance)) + 1
+
+
+def queries_to_significance(hit_rate: float, chance: float, alpha: float = 1e-6, max_queries: int = 100_000) -> int:
+    """Queries needed until a suspect that answers ``hit_rate`` of them correctly reaches ``p < alpha``.
+
+    Returns ``-1`` when ``hit_rate`` is not above ``chance`` (no number of queries suffices).
+    """
+    if hit_rate <= chance:
+        return -1
+    for n in range(1, max_queries + 1):
+        if binomial_p_value(math.floor(hit_rate * n + 1e-9), n, chance) < alpha:
+            return n
+    return -1
+
+
+def empirical_p_value(score: float, null_scores: Sequence[float], higher_is_watermarked: bool = True) -> float:
+    """Permutation-style p-value ``(1 + #{null >= score}) / (1 + n)`` against scores of clean models."""
+    if len(null_scores) == 0:
+        raise ValueError("empirical_p_value needs at least one null score")
+    if higher_is_watermarked:
+        extreme = sum(1 for s in null_scores if s >= score)
+    else:
+        extreme = sum(1 for s in null_scores if s <= score)
+    return (1 + extreme) / (1 + len(null_scores))
+
+
+def normal_null_threshold(null_scores: Sequence[float], alpha: float = 0.01, higher_is_watermarked: bool = True) -> float:
+    """Decision threshold from a normal fit to clean models' scores, as the SoK toolbox does (anchors.md §1.4)."""
+    if len(null_scores) < 2:
+        raise ValueError("normal_null_threshold needs at least two null scores")
+    mean = sum(null_scores) / len(null_scores)
+    std = math.sqrt(sum((s - mean) ** 2 for s in null_scores) / (len(null_scores) - 1))
+    z = float(stats.norm.isf(alpha))
+    return mean + z * std if higher_is_watermarked else mean - z * std
+
+
+def normal_null_p_value(score: float, null_scores: Sequence[float], higher_is_watermarked: bool = True) -> float:
+    """p-value of ``score`` under a normal fit to clean models' scores."""
+    if len(null_scores) < 2:
+        raise ValueError("normal_null_p_value needs at least two null scores")
+    mean = sum(null_scores) / len(null_scores)
+    std = max(math.sqrt(sum((s - mean) ** 2 for s in null_scores) / (len(null_scores) - 1)), 1e-12)
+    z = (score - mean) / std
+    return float(stats.norm.sf(z) if higher_is_watermarked else stats.norm.cdf(z))

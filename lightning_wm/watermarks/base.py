@@ -1,0 +1,158 @@
+"""``WatermarkScheme``: the Callback every scheme derives from."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+
+from lightning_wm.verify.blackbox import Suspect
+from lightning_wm.verify.keys import WatermarkKey, load_key
+from lightning_wm.verify.verdict import Verdict
+
+
+class WatermarkScheme(Callback):
+    """A watermark scheme: owns its secret key, changes training, verifies suspects.
+
+    The key is made when ``fit`` starts (from ``seed``, or from the OS's entropy when ``seed`` is None), or read
+    from ``key_path`` if that file exists, so that a resumed run continues with the same key. It is broadcast from
+    rank 0, so every DDP rank holds the same key, and written to ``key_path`` by rank 0. The key lives in this
+    callback and in the key file only: the model's checkpoint holds the key's SHA-256 fingerprint (to check, on
+    resume, that the same key came back) and never the key.
+
+    After every validation epoch the scheme verifies the model being trained and logs ``wm/<name>/statistic``,
+    ``wm/<name>/neg_log10_p`` and ``wm/<name>/watermarked``.
+
+    Subclasses set ``name``, implement :meth:`make_key`, and override any of :meth:`training_loss` (a term the
+    :class:`~lightning_wm.mixin.WatermarkMixin` adds to the loss), :meth:`on_key_ready` and the Callback hooks.
+
+    Args:
+        key_path: where the key file is written (and read from when it exists).
+        seed: makes the key reproducible. Anyone with the config and the seed can rebuild the key: leave it
+            ``None`` for a key that exists only in the key file.
+        alpha: significance level of the logged verdicts.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, key_path: str | None = None, seed: int | None = None, alpha: float = 0.01) -> None:
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        self.key_path = key_path
+        self.seed = seed
+        self.alpha = alpha
+        self._key: WatermarkKey | None = None
+        self._resumed_fingerprint: str | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(key_path=self.key_path)
+
+    @property
+    def key(self) -> WatermarkKey:
+        """The secret key; exists once ``fit`` has started (or after :meth:`set_key`)."""
+        if self._key is None:
+            raise RuntimeError(f"{type(self).__name__} has no key yet: it is made when trainer.fit starts")
+        return self._key
+
+    def set_key(self, key: WatermarkKey) -> None:
+        """Use an existing key (e.g. to keep embedding the same watermark in another run)."""
+        if key.scheme != self.name:
+            raise ValueError(f"{type(self).__name__} needs a {self.name!r} key, got a {key.scheme!r} key")
+        self._key = key
+
+    def make_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> WatermarkKey:
+        """Generate a fresh key for ``pl_module`` trained on ``trainer.datamodule``."""
+        raise NotImplementedError
+
+    def on_key_ready(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Called on every rank once the key exists, before training: prepare tensors, check or adapt the model."""
+
+    def training_loss(self, pl_module: L.LightningModule, batch: Any, output: Any) -> Tensor | None:
+        """A term added to the training loss by :class:`~lightning_wm.mixin.WatermarkMixin` (None: no term)."""
+        return None
+
+    def verify(self, suspect: Suspect, alpha: float | None = None) -> Verdict:
+        """Test ``suspect`` with this scheme's key."""
+        return self.key.verify(suspect, alpha=self.alpha if alpha is None else alpha)
+
+    def save_key(self, path: str | Path) -> Path:
+        """Write this scheme's key file."""
+        return self.key.save_key(path)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            if self._key is None and self.key_path and Path(self.key_path).is_file():
+                self._key = load_key(self.key_path, scheme=self.name)
+            return
+        if self._key is None:
+            key = None
+            if trainer.is_global_zero:
+                if self.key_path and Path(self.key_path).is_file():
+                    key = load_key(self.key_path, scheme=self.name)
+                else:
+                    key = self.make_key(trainer, pl_module)
+                    if self.key_path:
+                        key.save_key(self.key_path)
+            self._key = trainer.strategy.broadcast(key, src=0)
+        self.on_key_ready(trainer, pl_module)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._resumed_fingerprint is not None and self._resumed_fingerprint != self.key.fingerprint():
+            raise RuntimeError(
+                f"{type(self).__name__}: the checkpoint was trained with key {self._resumed_fingerprint[:12]} but "
+                f"the key now in use is {self.key.fingerprint()[:12]}; resume with the original key_path"
+            )
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._key is None or trainer.sanity_checking:
+            return
+        verdict = self.verify(pl_module)
+        prefix = f"wm/{self.name}"
+        pl_module.log(f"{prefix}/statistic", verdict.statistic, sync_dist=True)
+        pl_module.log(f"{prefix}/neg_log10_p", -math.log10(max(verdict.p_value, 1e-300)), sync_dist=True)
+        pl_module.log(f"{prefix}/watermarked", float(verdict.is_watermarked), sync_dist=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._key is None:
+            return {}
+        return {"fingerprint": self.key.fingerprint(), "key_path": self.key_path}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resumed_fingerprint = state_dict.get("fingerprint")
+
+
+def weight_layer_names(model: nn.Module) -> list[str]:
+    """Names (as in ``named_modules()``) of the conv and linear layers of ``model``."""
+    return [name for name, m in model.named_modules() if isinstance(m, _WEIGHT_LAYERS) and name]
+
+
+def resolve_layer(model: nn.Module, name: str) -> nn.Module:
+    """The conv or linear layer ``name`` of ``model``.
+
+    ``name`` may be given relative to the backbone (``conv2``) or to the LightningModule (``backbone.conv2``), and
+    ``torch.compile``'s ``_orig_mod.`` prefix is ignored, so one key reads a backbone, a LightningModule or a
+    compiled module alike.
+
+    Raises:
+        ValueError: no such layer, or a layer without a conv/linear weight; the message lists the valid names.
+    """
+    modules = {n.replace("_orig_mod.", ""): m for n, m in model.named_modules()}
+    candidates = [name, f"backbone.{name}", name.removeprefix("backbone.")]
+    for candidate in candidates:
+        layer = modules.get(candidate)
+        if layer is not None:
+            if not isinstance(layer, _WEIGHT_LAYERS):
+                raise ValueError(
+                    f"layer {name!r} is a {type(layer).__name__}, not a conv or linear layer; "
+                    f"valid names: {', '.join(weight_layer_names(model))}"
+                )
+            return layer
+    raise ValueError(f"no layer named {name!r}; valid names: {', '.join(weight_layer_names(model))}")
+
+
+_WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)

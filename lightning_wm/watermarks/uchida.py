@@ -1,0 +1,167 @@
+"""Uchida et al., "Embedding Watermarks into Deep Neural Networks", ICMR 2017 (arXiv 1701.04082).
+
+A white-box watermark: a regularizer λ·Σ_j BCE(σ(X·w̄)_j, b_j) makes the filter-averaged weights w̄ of one
+layer carry T secret bits b under a secret projection X; verification reads the bits back and counts errors.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_wm.verify.blackbox import Suspect
+from lightning_wm.verify.keys import WatermarkKey
+from lightning_wm.verify.stats import binomial_p_value, binomial_threshold
+from lightning_wm.verify.verdict import Verdict
+from lightning_wm.watermarks.base import WatermarkScheme, resolve_layer
+
+Projection = Literal["random", "direct", "diff"]
+
+
+def filter_mean(weight: Tensor) -> Tensor:
+    """w̄: the layer's weight averaged over output filters, flattened (``conv.weight.mean(0).flatten()``)."""
+    return weight.float().mean(dim=0).flatten()
+
+
+def make_projection(kind: Projection, bits: int, size: int, generator: torch.Generator) -> Tensor:
+    """The secret matrix X (T×M) of the three types of the authors' code (papers.md §1.2)."""
+    if kind == "random":
+        return torch.randn(bits, size, generator=generator)
+    if kind not in ("direct", "diff"):
+        raise ValueError(f"projection must be 'random', 'direct' or 'diff', got {kind!r}")
+    needed = bits if kind == "direct" else 2 * bits
+    if needed > size:
+        raise ValueError(f"projection {kind!r} needs {needed} distinct weights, the layer has {size}")
+    index = torch.randperm(size, generator=generator)[:needed]
+    x = torch.zeros(bits, size)
+    rows = torch.arange(bits)
+    x[rows, index[:bits]] = 1.0
+    if kind == "diff":
+        x[rows, index[bits:]] = -1.0
+    return x
+
+
+class UchidaKey(WatermarkKey):
+    """The projection X, the message b and the layer they read."""
+
+    scheme = "uchida"
+
+    def extract(self, suspect: nn.Module, layer: str | None = None) -> Tensor:
+        """The bits the suspect's layer carries under X (white-box)."""
+        if not isinstance(suspect, nn.Module):
+            raise TypeError("the Uchida watermark is white-box: verify needs the suspect's nn.Module, not a callable")
+        name = layer or self.config["layer"]
+        weight = resolve_layer(suspect, name).weight
+        expected = tuple(self.config["weight_shape"])
+        if tuple(weight.shape[1:]) != expected[1:]:
+            raise ValueError(
+                f"layer {name!r} of the suspect has weight shape {tuple(weight.shape)}, the key reads a layer of "
+                f"shape (*, {', '.join(map(str, expected[1:]))}); name the matching layer with layer="
+            )
+        projection = self.tensors["projection"]
+        with torch.no_grad():
+            return (projection.to(weight.device) @ filter_mean(weight) >= 0).long().cpu()
+
+    def verify(self, suspect: Suspect, alpha: float = 0.01, layer: str | None = None) -> Verdict:
+        bits = self.extract(suspect, layer)  # type: ignore[arg-type]
+        message = self.tensors["message"].long()
+        total = len(message)
+        errors = int((bits != message).sum())
+        p_value = binomial_p_value(total - errors, total, 0.5)
+        max_errors = total - binomial_threshold(total, 0.5, alpha)
+        return Verdict(
+            scheme=self.scheme,
+            statistic=errors / total,
+            statistic_name="ber",
+            p_value=p_value,
+            alpha=alpha,
+            threshold=max_errors / total,
+            is_watermarked=p_value < alpha,
+            queries=0,
+            null="each bit of an unmarked layer matches with probability 1/2 (binomial)",
+            details={"bits": total, "errors": errors, "layer": layer or self.config["layer"]},
+        )
+
+
+class UchidaWatermark(WatermarkScheme):
+    """Embed T bits into one conv/linear layer's weights with a regularizer (Uchida et al., ICMR 2017).
+
+    Adds λ·Σ_j BCE(σ(X·w̄)_j, b_j) to the loss (a sum over bits, as the authors' code does), computed in fp32
+    outside autocast. The three embedding situations of the paper are three configs of the same callback: from
+    scratch, while fine-tuning a trained model (``ckpt`` given to the model), and while distilling a teacher
+    (the module trained on soft labels); see ``configs/*/uchida*.yaml``. Logs ``wm/uchida/ber`` every step.
+
+    Args:
+        layer: the layer to mark, a name from ``named_modules()`` (``conv2`` or ``backbone.conv2``).
+        bits: T, the message length.
+        strength: λ.
+        projection: ``random`` (recommended), ``direct`` (one weight per bit) or ``diff`` (sign of a difference).
+        message: the bits as a string of 0/1 of length ``bits``; random (from ``seed``) when None.
+        key_path, seed, alpha: see :class:`~lightning_wm.watermarks.base.WatermarkScheme`.
+    """
+
+    name = "uchida"
+
+    def __init__(
+        self,
+        layer: str = "conv2",
+        bits: int = 256,
+        strength: float = 0.01,
+        projection: Projection = "random",
+        message: str | None = None,
+        key_path: str | None = None,
+        seed: int | None = None,
+        alpha: float = 0.01,
+    ) -> None:
+        super().__init__(key_path=key_path, seed=seed, alpha=alpha)
+        if bits < 1:
+            raise ValueError(f"bits must be positive, got {bits}")
+        if projection not in ("random", "direct", "diff"):
+            raise ValueError(f"projection must be 'random', 'direct' or 'diff', got {projection!r}")
+        if message is not None and (len(message) != bits or set(message) - {"0", "1"}):
+            raise ValueError(f"message must be a string of {bits} characters 0/1")
+        self.layer = layer
+        self.bits = bits
+        self.strength = strength
+        self.projection = projection
+        self.message = message
+        self._projection: Tensor | None = None
+        self._target: Tensor | None = None
+
+    def make_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> UchidaKey:
+        weight = resolve_layer(pl_module, self.layer).weight
+        generator = torch.Generator().manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
+        projection = make_projection(self.projection, self.bits, weight[0].numel(), generator)
+        if self.message is None:
+            message = torch.randint(0, 2, (self.bits,), generator=generator)
+        else:
+            message = torch.tensor([int(c) for c in self.message])
+        config = {"layer": self.layer, "weight_shape": list(weight.shape), "projection": self.projection}
+        return UchidaKey(config, {"projection": projection, "message": message})
+
+    def on_key_ready(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        weight = resolve_layer(pl_module, self.key.config["layer"]).weight
+        if list(weight.shape) != list(self.key.config["weight_shape"]):
+            raise ValueError(
+                f"the key reads a layer of shape {self.key.config['weight_shape']}, "
+                f"layer {self.key.config['layer']!r} has shape {list(weight.shape)}"
+            )
+        self._projection = self.key.tensors["projection"].float()
+        self._target = self.key.tensors["message"].float()
+
+    def training_loss(self, pl_module: L.LightningModule, batch: Any, output: Any) -> Tensor:
+        weight = resolve_layer(pl_module, self.key.config["layer"]).weight
+        if self._projection is None or self._projection.device != weight.device:
+            self._projection = self.key.tensors["projection"].float().to(weight.device)
+            self._target = self.key.tensors["message"].float().to(weight.device)
+        with torch.autocast(weight.device.type, enabled=False):
+            logits = self._projection @ filter_mean(weight)
+            loss = F.binary_cross_entropy_with_logits(logits, self._target, reduction="sum")
+        ber = ((logits >= 0).float() != self._target).float().mean()
+        pl_module.log("wm/uchida/ber", ber, on_step=True, on_epoch=False, prog_bar=True)
+        return self.strength * loss
