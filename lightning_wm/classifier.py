@@ -9,6 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -17,6 +18,9 @@ from lightning_wm.mixin import WatermarkMixin
 
 class ImageClassifier(WatermarkMixin, L.LightningModule):
     """Cross-entropy classification with any backbone, accuracy logged for train/val/test.
+
+    Built by ``lightning-wm`` (LightningCLI), its checkpoints record the backbone's config, so
+    :func:`load_classifier` rebuilds them; built in Python, pass the backbone to :func:`load_classifier`.
 
     Watermark schemes attach through :class:`~lightning_wm.mixin.WatermarkMixin` (their loss terms) and the
     Trainer's callbacks; the module itself holds no key. Accuracy is the share of argmax predictions equal to
@@ -28,6 +32,12 @@ class ImageClassifier(WatermarkMixin, L.LightningModule):
         num_classes: task classes K (a scheme may add outputs beyond them).
         optimizer: optimizer factory, set from the CLI the LightningCLI way (``--optimizer.lr``...).
         lr_scheduler: optional scheduler factory.
+        pretrained: a checkpoint of ``lightning-wm fit`` whose weights initialise the model (to embed while
+            fine-tuning, Uchida et al.'s second situation).
+        teacher: a checkpoint of a trained classifier: the model then learns the teacher's soft labels (KL at
+            ``temperature``) instead of the ground truth (to embed while distilling, Uchida et al.'s third
+            situation). The teacher is frozen.
+        temperature: softmax temperature of the distillation.
     """
 
     def __init__(
@@ -36,10 +46,18 @@ class ImageClassifier(WatermarkMixin, L.LightningModule):
         num_classes: int = 10,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
+        pretrained: str | None = None,
+        teacher: str | None = None,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        from_cli = _given_hyperparameters.get() is not None
+        self.save_hyperparameters(ignore=[] if from_cli else ["backbone", "optimizer", "lr_scheduler"])
         self.backbone = backbone
+        if pretrained is not None:
+            self.backbone.load_state_dict(load_classifier(pretrained).backbone.state_dict())
+        self.teacher = load_classifier(teacher).backbone.requires_grad_(False) if teacher is not None else None
+        self.temperature = temperature
         self.num_classes = num_classes
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -53,7 +71,14 @@ class ImageClassifier(WatermarkMixin, L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         x, y = batch[0], batch[1]
         logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        if self.teacher is None:
+            loss = F.cross_entropy(logits, y)
+        else:
+            self.teacher.eval()
+            with torch.no_grad():
+                soft_labels = torch.softmax(self.teacher(x) / self.temperature, dim=-1)
+            log_probs = F.log_softmax(logits / self.temperature, dim=-1)
+            loss = F.kl_div(log_probs, soft_labels, reduction="batchmean") * self.temperature**2
         self.train_accuracy(logits.argmax(-1) == y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True)
@@ -76,7 +101,7 @@ class ImageClassifier(WatermarkMixin, L.LightningModule):
         return torch.softmax(self(batch[0]), dim=-1)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer(self.parameters())
+        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
         if self.lr_scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}

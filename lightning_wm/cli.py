@@ -110,8 +110,18 @@ def main(args: list[str] | None = None) -> None:
     except _USER_ERRORS as err:
         if os.environ.get("LIGHTNING_WM_DEBUG"):
             raise
-        print(f"lightning-wm: error: {err}", file=sys.stderr)
+        print(f"lightning-wm: error: {_one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _one_line(err: BaseException) -> str:
+    """The innermost message of an error: jsonargparse wraps errors raised while instantiating a config."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    nested = [line.removeprefix("- ").strip() for line in lines if line.startswith("- ")]
+    informative = [line for line in nested if not line.startswith(("Expected a", "Not a valid subclass"))]
+    if informative or nested:
+        return (informative or nested)[0]
+    return lines[0] if lines else type(err).__name__
 
 
 if __name__ == "__main__":

@@ -1,6 +1,27 @@
 """Watermark schemes: each a Callback (plus the model mixin where it changes the loss) with its key."""
 
 from lightning_wm.watermarks.base import WatermarkScheme, resolve_layer
+from lightning_wm.watermarks.csp import CSPKey, CSPWatermark
+from lightning_wm.watermarks.key_samples import ContentTrigger, KeySampleGenerator, NoiseTrigger, UnrelatedTrigger
+from lightning_wm.watermarks.new_label import NewLabelTrigger
+from lightning_wm.watermarks.trigger_set import TriggerSetKey, TriggerSetWatermark
 from lightning_wm.watermarks.uchida import UchidaKey, UchidaWatermark
+from lightning_wm.watermarks.usp import USPKey, USPWatermark
 
-__all__ = ["UchidaKey", "UchidaWatermark", "WatermarkScheme", "resolve_layer"]
+__all__ = [
+    "CSPKey",
+    "CSPWatermark",
+    "ContentTrigger",
+    "KeySampleGenerator",
+    "NewLabelTrigger",
+    "NoiseTrigger",
+    "TriggerSetKey",
+    "TriggerSetWatermark",
+    "UchidaKey",
+    "UchidaWatermark",
+    "USPKey",
+    "USPWatermark",
+    "UnrelatedTrigger",
+    "WatermarkScheme",
+    "resolve_layer",
+]

@@ -134,7 +134,8 @@ def weight_layer_names(model: nn.Module) -> list[str]:
 def resolve_layer(model: nn.Module, name: str) -> nn.Module:
     """The conv or linear layer ``name`` of ``model``.
 
-    ``name`` may be given relative to the backbone (``conv2``) or to the LightningModule (``backbone.conv2``), and
+    ``name`` may be given relative to the backbone (``conv2``), to the LightningModule (``backbone.conv2``) or as
+    the unique suffix of a longer name (``model.conv2`` in an attack module), and
     ``torch.compile``'s ``_orig_mod.`` prefix is ignored, so one key reads a backbone, a LightningModule or a
     compiled module alike.
 
@@ -152,6 +153,9 @@ def resolve_layer(model: nn.Module, name: str) -> nn.Module:
                     f"valid names: {', '.join(weight_layer_names(model))}"
                 )
             return layer
+    suffix_matches = [m for n, m in modules.items() if n.endswith(f".{name.removeprefix('backbone.')}")]
+    if len(suffix_matches) == 1 and isinstance(suffix_matches[0], _WEIGHT_LAYERS):
+        return suffix_matches[0]
     raise ValueError(f"no layer named {name!r}; valid names: {', '.join(weight_layer_names(model))}")
 
 

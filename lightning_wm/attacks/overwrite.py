@@ -1,0 +1,66 @@
+"""Overwriting removal attack: the attacker embeds their own watermark of the same scheme into the stolen model
+(the ambiguity attack of Uchida et al.'s journal version and of the SoK toolbox's ``overwriting`` attack)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from lightning_wm.attacks.base import RemovalAttack, Victim, copy_victim
+from lightning_wm.mixin import WatermarkMixin
+from lightning_wm.watermarks.base import WatermarkScheme
+
+
+class OverwriteAttack(WatermarkMixin, RemovalAttack):
+    """Fine-tune all layers of a copy of the victim on the attacker's data with the attacker's own watermark on.
+
+    ``scheme`` is a :class:`~lightning_wm.watermarks.base.WatermarkScheme` configured with the attacker's key
+    (its own ``key_path``/``seed``); the attack returns it from ``configure_callbacks``, so it makes its key at
+    ``fit`` and acts through its usual hooks (batch injection for trigger sets) and, through
+    :class:`~lightning_wm.mixin.WatermarkMixin`, adds its loss term. Only this scheme's term is added: another
+    scheme callback on the Trainer does not change the objective. Afterwards both keys can be verified:
+    ``owner_key.verify(attack)`` and ``attack.scheme.key.verify(attack)``.
+
+    Args:
+        victim: a ``lightning-wm fit`` checkpoint path, an ``ImageClassifier`` or a backbone.
+        scheme: the attacker's watermark scheme (same scheme as the owner's, the attacker's key).
+        optimizer: optimizer factory.
+        lr_scheduler: optional scheduler factory.
+    """
+
+    def __init__(
+        self,
+        victim: Victim,
+        scheme: WatermarkScheme,
+        optimizer: OptimizerCallable = torch.optim.SGD,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        if not isinstance(scheme, WatermarkScheme):
+            raise TypeError(f"scheme must be a WatermarkScheme, got {type(scheme).__name__}")
+        super().__init__(optimizer, lr_scheduler)
+        self.save_hyperparameters(ignore=["victim", "scheme", "optimizer", "lr_scheduler"])
+        self.model = copy_victim(victim)
+        self.scheme = scheme
+
+    @property
+    def watermark_schemes(self) -> list[WatermarkScheme]:
+        """The attacker's scheme only (once the Trainer holds it)."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return []
+        return [cb for cb in trainer.callbacks if cb is self.scheme]
+
+    def configure_callbacks(self) -> list[Callback]:
+        return [self.scheme]
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        return {"loss": loss, "logits": logits}

@@ -1,0 +1,356 @@
+"""CSP: Customized Soft-label Perturbation (Chien & Shen, arXiv 2208.05477, 2022).
+
+The paper's body is unavailable (papers.md §4.2); this follows its abstract ("embedding watermark via adding
+perturbation into the model output probability distribution", one key per customer) with the keyed cosine
+perturbation of CosWM (Charette et al., AAAI 2022) and DRW (Zhao et al., 2022), papers.md §5.1:
+
+* a secret unit projection ``v`` maps an input to a phase ``x' = Φ((v·x − μ)/σ) ∈ [0, 1]``;
+* the output distribution ``q`` becomes ``q̃_i = (q_i + ε_i (1 + cos(f x' + θ_i))) / (1 + 2ε)`` with
+  ``ε_{c*} = ε``, ``ε_i = ε/(K−1)`` otherwise, ``θ_{c*} = θ`` and ``θ_i = θ + π`` otherwise.
+
+Each customer of an API gets its own ``(v, f, θ, c*)``, so a leaked copy is traced to the customer whose key it
+carries. The perturbation is applied by :class:`CSPHead` at serving time (protects an API against distillation)
+and/or baked into the weights by training toward perturbed targets (survives theft of the weights).
+
+Verification (a deviation from CosWM/DRW's Lomb–Scargle SNR, see :meth:`CSPKey.score`): a matched filter. The
+target-class probability of the suspect is centred within each predicted class (this removes the power class
+structure puts at low frequencies, the failure csp-probe.md shows) and correlated with ``cos(f x' + θ)``; the
+same score for many random projections that no customer holds is the null, so the p-value says how unusual the
+customer's key is among keys that were never used, for this very suspect.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from scipy import stats
+from torch import Tensor, nn
+
+from lightning_wm.verify.blackbox import Suspect, query_probs
+from lightning_wm.verify.keys import WatermarkKey
+from lightning_wm.verify.verdict import Verdict
+from lightning_wm.watermarks.base import WatermarkScheme
+
+
+def key_phase(x: Tensor, projection: Tensor, mean: Tensor | float, std: Tensor | float) -> Tensor:
+    """x' = Φ((v·x − μ)/σ) for every row of ``x`` (any shape, flattened) and every projection row of ``v``.
+
+    Returns ``(N,)`` for one projection ``(D,)``, ``(N, P)`` for ``P`` projections ``(P, D)``.
+    """
+    z = (x.flatten(1).float() @ projection.float().T - mean) / std
+    return 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+
+
+def perturb(probs: Tensor, x_phase: Tensor, target: int, frequency: float, phase: float, amplitude: float) -> Tensor:
+    """The CosWM perturbation q̃ of distributions ``probs`` (N, K) at phases ``x_phase`` (N,); rows still sum to 1."""
+    k = probs.shape[-1]
+    eps = torch.full((k,), amplitude / (k - 1), dtype=probs.dtype, device=probs.device)
+    eps[target] = amplitude
+    theta = torch.full((k,), phase + math.pi, dtype=probs.dtype, device=probs.device)
+    theta[target] = phase
+    signal = torch.cos(frequency * x_phase.to(probs).unsqueeze(-1) + theta)
+    return (probs + eps * (1.0 + signal)) / (1.0 + 2.0 * amplitude)
+
+
+def smooth_projections(count: int, shape: tuple[int, ...], grid: int, generator: torch.Generator) -> Tensor:
+    """``count`` random unit projections of inputs of ``shape``, flattened.
+
+    With ``grid > 0`` each is drawn on a ``grid × grid`` lattice and upsampled (nearest) to the image size: a
+    projection that is constant over pixel blocks is a smooth image feature that a CNN with pooling (and a student
+    of any architecture) can learn as a function, where a projection on single pixels is memorised at best
+    (csp-probe.md). ``grid = 0`` draws i.i.d. pixel weights.
+    """
+    if grid > 0 and len(shape) == 3:
+        coarse = torch.randn(count, shape[0], grid, grid, generator=generator)
+        v = F.interpolate(coarse, size=tuple(shape[1:]), mode="nearest").flatten(1)
+    else:
+        v = torch.randn(count, math.prod(shape), generator=generator)
+    return v / v.norm(dim=1, keepdim=True)
+
+
+class CSPKey(WatermarkKey):
+    """Every customer's perturbation key, the owner's verification queries and the null-key seed.
+
+    Tensors (one row per customer): ``projection`` (C, D) unit vectors, ``mean``/``std`` (C,) of ``v·x`` over
+    the owner's training data, ``target`` (C,) class c*, ``frequency`` (C,) f in radians, ``phase`` (C,) θ;
+    ``queries`` (N, *input_shape) the inputs verification sends. Config: ``customers`` (names), ``amplitude``,
+    ``num_classes``, ``null_keys`` and ``null_seed`` (the random projections of the null).
+    """
+
+    scheme = "csp"
+
+    @property
+    def customers(self) -> list[str]:
+        return list(self.config["customers"])
+
+    def index(self, customer: str | int | None) -> int:
+        """Row of ``customer`` (a name or an index; None: the first)."""
+        if customer is None:
+            return 0
+        if isinstance(customer, int):
+            if not 0 <= customer < len(self.customers):
+                raise ValueError(f"customer index {customer} out of range; the key has {len(self.customers)}")
+            return customer
+        if customer not in self.customers:
+            raise ValueError(f"unknown customer {customer!r}; the key holds {self.customers}")
+        return self.customers.index(customer)
+
+    def perturb(self, probs: Tensor, x: Tensor, customer: str | int | None = None) -> Tensor:
+        """``customer``'s perturbed version of distributions ``probs`` of inputs ``x``."""
+        i = self.index(customer)
+        t = self.tensors
+        x_phase = key_phase(x, t["projection"][i].to(x.device), float(t["mean"][i]), float(t["std"][i]))
+        return perturb(
+            probs,
+            x_phase,
+            int(t["target"][i]),
+            float(t["frequency"][i]),
+            float(t["phase"][i]),
+            float(self.config["amplitude"]),
+        )
+
+    def serve(self, model: nn.Module, customer: str | int | None = None) -> CSPHead:
+        """``model`` behind ``customer``'s perturbation head, as the API would serve it to that customer."""
+        return CSPHead(model, self, customer)
+
+    def null_projections(self, dim: int) -> Tensor:
+        """The random unit projections no customer holds, drawn like the customers', whose scores form the null."""
+        generator = torch.Generator().manual_seed(int(self.config["null_seed"]))
+        shape = tuple(self.config.get("input_shape") or (dim,))
+        return smooth_projections(int(self.config["null_keys"]), shape, int(self.config.get("grid", 0)), generator)
+
+    def score(self, probs: Tensor, x: Tensor, customer: str | int | None = None) -> tuple[float, Tensor]:
+        """Matched-filter scores of the suspect's outputs ``probs`` on ``x``: the customer's and the null's.
+
+        The score is the correlation between ``cos(f x' + θ)`` and the target-class log-probability (floored at
+        1e-6) centred within each class the suspect predicts; log space because a student distilled at a
+        temperature copies the teacher's logits, where the perturbation of small probabilities shows. Under the
+        null (a model that never saw this key) the customer's projection is one random unit vector among many:
+        its score is distributed like the scores of the ``null_keys`` random projections, computed with the same
+        f, θ and c* on the same outputs.
+        """
+        i = self.index(customer)
+        t = self.tensors
+        target, frequency, phase = int(t["target"][i]), float(t["frequency"][i]), float(t["phase"][i])
+        y = probs[:, target].double().clamp_min(1e-6).log()
+        predicted = probs.argmax(dim=-1)
+        residual = y.clone()
+        for c in predicted.unique():
+            members = predicted == c
+            residual[members] -= y[members].mean()
+        residual = residual - residual.mean()
+
+        def correlation(x_phase: Tensor) -> Tensor:
+            signal = torch.cos(frequency * x_phase.double() + phase)
+            signal = signal - signal.mean(dim=0)
+            denom = signal.norm(dim=0) * residual.norm()
+            return (residual @ signal) / denom.clamp_min(1e-12)
+
+        flat = x.flatten(1).float()
+        own = key_phase(flat, t["projection"][i : i + 1], t["mean"][i : i + 1], t["std"][i : i + 1])
+        null_v = self.null_projections(flat.shape[1])
+        proj = flat @ null_v.T
+        null_phase = 0.5 * (1.0 + torch.erf((proj - proj.mean(0)) / proj.std(0).clamp_min(1e-12) / math.sqrt(2.0)))
+        return float(correlation(own)[0]), correlation(null_phase)
+
+    def verify(
+        self,
+        suspect: Suspect,
+        alpha: float = 0.01,
+        customer: str | int | None = None,
+        inputs: Tensor | None = None,
+    ) -> Verdict:
+        """Query ``suspect`` and test it for the key of ``customer``, or of every customer (then trace it).
+
+        With ``customer=None`` each customer's key is tested and the p-value is the smallest one times the
+        number of customers (Bonferroni), so the decision keeps level ``alpha``; ``details["customer"]`` names the
+        customer whose key the suspect carries (None when not watermarked) and ``details["per_customer"]`` has
+        every score.
+        """
+        x = self.tensors["queries"] if inputs is None else inputs
+        probs, queries = query_probs(suspect, x)
+        names = self.customers if customer is None else [self.customers[self.index(customer)]]
+        results: dict[str, dict[str, float]] = {}
+        for name in names:
+            score, null = self.score(probs.float(), x, name)
+            mean, std = float(null.mean()), max(float(null.std()), 1e-12)
+            z = (score - mean) / std
+            results[name] = {"correlation": score, "z": z, "p_value": float(stats.norm.sf(z))}
+        best = max(results, key=lambda n: results[n]["z"])
+        p_value = min(1.0, results[best]["p_value"] * len(names))
+        watermarked = p_value < alpha
+        return Verdict(
+            scheme=self.scheme,
+            statistic=results[best]["z"],
+            statistic_name="matched_filter_z",
+            p_value=p_value,
+            alpha=alpha,
+            threshold=float(stats.norm.isf(alpha / len(names))),
+            is_watermarked=watermarked,
+            queries=queries,
+            null=(
+                f"the customer's projection is one of {self.config['null_keys']} random unused projections "
+                "(normal fit to their matched-filter scores on the same outputs), Bonferroni over customers"
+            ),
+            details={"customer": best if watermarked else None, "best_match": best, "per_customer": results},
+        )
+
+
+class CSPHead(nn.Module):
+    """A served model: the owner's model followed by one customer's perturbation of its probabilities.
+
+    ``forward`` returns ``log q̃``, so that whatever applies a softmax to a module's output (``BlackBoxModel``,
+    ``query_probs``, a distillation attack at temperature 1) receives exactly the perturbed probabilities ``q̃``;
+    :meth:`probs` returns ``q̃`` itself. The key stays with the API (this wrapper), never in the model's weights.
+
+    Args:
+        model: the owner's classifier (returns logits).
+        key: the CSP key.
+        customer: whose key this API endpoint uses (a name or index; None: the first customer).
+        temperature: softmax temperature of the probabilities before perturbation.
+    """
+
+    def __init__(self, model: nn.Module, key: CSPKey, customer: str | int | None = None, temperature: float = 1.0):
+        super().__init__()
+        self.model = model
+        self.key = key
+        self.customer = key.customers[key.index(customer)]
+        self.temperature = temperature
+
+    def probs(self, x: Tensor) -> Tensor:
+        q = torch.softmax(self.model(x).float() / self.temperature, dim=-1)
+        return self.key.perturb(q, x, self.customer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.probs(x).clamp_min(1e-12).log()
+
+
+class CSPWatermark(WatermarkScheme):
+    """Customized Soft-label Perturbation (Chien & Shen 2022), with CosWM's keyed cosine (module docstring).
+
+    Makes one key per customer. With ``embed`` set, the model is also trained toward the perturbed targets of
+    that customer's key: the term ``λ · KL(q̃ ‖ p_θ)`` where ``q̃`` is the perturbation of the label-smoothed
+    ground truth (the reference distribution), added by :class:`~lightning_wm.mixin.WatermarkMixin`, so the
+    signal lives in the weights and survives their theft. :meth:`serve` wraps any model in a customer's
+    :class:`CSPHead` for an API. Verify with ``key.verify(suspect)`` (black-box probabilities).
+
+    Args:
+        customers: customer names, or their number (named ``customer0``...).
+        embed: the customer whose key is baked into the weights (None: nothing is baked; serve only).
+        frequency: f in radians over x' ∈ [0, 1] (f/2π periods); low enough to be learned as a function by
+            the model and its students, high enough to stand apart from class structure.
+        amplitude: ε.
+        target_class: c* of every customer (None: a random class per customer).
+        strength: λ of the baked term.
+        label_smoothing: smoothing of the reference distribution before perturbation.
+        num_queries: verification queries kept in the key (taken from ``query_split`` of the DataModule).
+        query_split: the DataModule split the queries come from. The owner's own training data by default: a
+            stolen copy of baked weights carries the signal there most strongly, and a student (trained on the
+            attacker's data) has never seen these inputs, so they test what it learned as a function.
+        null_keys: random unused projections forming the null.
+        grid: the projections are drawn on a ``grid × grid`` lattice of pixel blocks (see
+            :func:`smooth_projections`); 0 for i.i.d. pixel weights.
+        key_path, seed, alpha: see :class:`~lightning_wm.watermarks.base.WatermarkScheme`.
+    """
+
+    name = "csp"
+
+    def __init__(
+        self,
+        customers: list[str] | int = 1,
+        embed: str | None = "customer0",
+        frequency: float = 8.0,
+        amplitude: float = 0.2,
+        target_class: int | None = None,
+        strength: float = 2.0,
+        label_smoothing: float = 0.1,
+        num_queries: int = 1000,
+        query_split: str = "defender",
+        null_keys: int = 500,
+        grid: int = 4,
+        key_path: str | None = None,
+        seed: int | None = None,
+        alpha: float = 0.01,
+    ) -> None:
+        super().__init__(key_path=key_path, seed=seed, alpha=alpha)
+        names = [f"customer{i}" for i in range(customers)] if isinstance(customers, int) else list(customers)
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"customers must be distinct names (or a positive count), got {customers!r}")
+        if embed is not None and embed not in names:
+            raise ValueError(f"embed={embed!r} is not one of the customers {names}")
+        if not 0.0 < amplitude < 1.0:
+            raise ValueError(f"amplitude must be in (0, 1), got {amplitude}")
+        self.customers = names
+        self.embed = embed
+        self.frequency = frequency
+        self.amplitude = amplitude
+        self.target_class = target_class
+        self.strength = strength
+        self.label_smoothing = label_smoothing
+        self.num_queries = num_queries
+        self.query_split = query_split
+        self.null_keys = null_keys
+        self.grid = grid
+        self._device_tensors: dict[str, Tensor] = {}
+
+    @property
+    def key(self) -> CSPKey:
+        return super().key  # type: ignore[return-value]
+
+    def make_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> CSPKey:
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "dataset"):
+            raise ValueError("CSPWatermark needs a lightning_wm SplitDataModule (its data sets the key's phases)")
+        num_classes = int(getattr(datamodule, "num_classes", getattr(pl_module, "num_classes", 10)))
+        generator = torch.Generator().manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
+        train_x = datamodule.train_dataset.tensors[0]
+        shape = tuple(train_x.shape[1:])
+        projection = smooth_projections(len(self.customers), shape, self.grid, generator)
+        scores = train_x.flatten(1).float() @ projection.T
+        if self.target_class is None:
+            target = torch.randint(0, num_classes, (len(self.customers),), generator=generator)
+        else:
+            target = torch.full((len(self.customers),), self.target_class)
+        query_x = datamodule.dataset(self.query_split).tensors[0]
+        order = torch.randperm(len(query_x), generator=generator)[: self.num_queries]
+        tensors = {
+            "projection": projection,
+            "mean": scores.mean(0),
+            "std": scores.std(0),
+            "target": target,
+            "frequency": torch.full((len(self.customers),), float(self.frequency)),
+            "phase": torch.rand(len(self.customers), generator=generator) * 2 * math.pi,
+            "queries": query_x[order].clone(),
+        }
+        config = {
+            "customers": self.customers,
+            "amplitude": self.amplitude,
+            "num_classes": num_classes,
+            "null_keys": self.null_keys,
+            "input_shape": list(shape),
+            "grid": self.grid,
+            "null_seed": int(torch.randint(0, 2**62, (1,), generator=generator)),
+        }
+        return CSPKey(config, tensors)
+
+    def serve(self, model: nn.Module, customer: str | int | None = None) -> CSPHead:
+        """``model`` behind ``customer``'s perturbation head (see :class:`CSPHead`)."""
+        return self.key.serve(model, customer)
+
+    def training_loss(self, pl_module: L.LightningModule, batch: Any, output: Any) -> Tensor | None:
+        if self.embed is None:
+            return None
+        x, y = batch[0], batch[1]
+        logits = output["logits"] if isinstance(output, dict) and "logits" in output else pl_module(x)
+        k = logits.shape[-1]
+        with torch.autocast(logits.device.type, enabled=False):
+            reference = F.one_hot(y, k).float() * (1.0 - self.label_smoothing) + self.label_smoothing / k
+            target = self.key.perturb(reference, x.float(), self.embed)
+            log_p = F.log_softmax(logits.float(), dim=-1)
+            loss = F.kl_div(log_p, target, reduction="batchmean")
+        return self.strength * loss

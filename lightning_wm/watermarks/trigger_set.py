@@ -1,0 +1,333 @@
+"""Black-box trigger-set watermarks: Zhang et al., "Protecting Intellectual Property of Deep Neural Networks with
+Watermarking" (AsiaCCS 2018), and Zhong et al., "A New Label Helps" (PAKDD 2020).
+
+The owner trains the model to give secret key samples (made by a
+:class:`~lightning_wm.watermarks.key_samples.KeySampleGenerator`) a key label, by adding them to training
+batches. Verification only needs the suspect's top-1 labels on held-out keys made the same way: an unmarked
+model answers them with the key label at about the chance rate, so many hits are improbable (binomial p-value).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from lightning_wm.verify.blackbox import Suspect, query_labels
+from lightning_wm.verify.keys import WatermarkKey
+from lightning_wm.verify.stats import (
+    binomial_p_value,
+    binomial_threshold,
+    empirical_p_value,
+    normal_null_p_value,
+    normal_null_threshold,
+    queries_to_significance,
+)
+from lightning_wm.verify.verdict import Verdict
+from lightning_wm.watermarks.base import WatermarkScheme
+from lightning_wm.watermarks.key_samples import KeySampleGenerator, training_tensors
+
+NullModel = Literal["empirical", "normal"]
+
+
+class TriggerSetKey(WatermarkKey):
+    """The key samples (model inputs) and their labels: ``embed_*`` were trained on, ``verify_*`` are held out.
+
+    Scheme name ``"trigger_set"`` for Zhang's keys and Zhong's new-label keys alike; ``config["label_kind"]``
+    (``"target"`` or ``"new_label"``) and ``config["chance"]`` say which null applies.
+    """
+
+    scheme = "trigger_set"
+
+    def key_accuracy(self, suspect: Suspect, split: Literal["verify", "embed"] = "verify") -> tuple[float, int, int]:
+        """Share of ``split`` keys the suspect labels with the key label, the hits and the queries spent."""
+        inputs, labels = self.tensors[f"{split}_inputs"], self.tensors[f"{split}_labels"]
+        predicted, queries = query_labels(suspect, inputs)
+        hits = int((predicted.cpu() == labels).sum())
+        return hits / len(labels), hits, queries
+
+    def verify(
+        self,
+        suspect: Suspect,
+        alpha: float = 0.01,
+        null_accuracies: Sequence[float] | None = None,
+        null_model: NullModel = "normal",
+        chance: float | None = None,
+    ) -> Verdict:
+        """Query the suspect (top-1 labels only) on the held-out keys and test its key accuracy.
+
+        Args:
+            suspect: an ``nn.Module`` returning logits, or a callable returning probabilities or labels.
+            alpha: significance level.
+            null_accuracies: key accuracies of unmarked models on these keys. When given, the p-value comes from
+                them (``null_model``: a normal fit, as the SoK toolbox does, or the empirical rank) instead of the
+                binomial null, which content and noise keys may violate by transferring to clean models.
+            null_model: ``normal`` or ``empirical``, used with ``null_accuracies``.
+            chance: the binomial null's per-query rate; the key's (1/K, or 1/(K+1) for new-label keys) by default.
+        """
+        accuracy, hits, queries = self.key_accuracy(suspect)
+        total = len(self.tensors["verify_labels"])
+        chance = float(self.config["chance"]) if chance is None else chance
+        if null_accuracies is None:
+            p_value = binomial_p_value(hits, total, chance)
+            threshold = binomial_threshold(total, chance, alpha) / total
+            null = f"an unmarked model gives the key label with probability {chance:.4g} (binomial)"
+        else:
+            p_value, threshold, null = null_model_test(accuracy, null_accuracies, alpha, null_model)
+        return Verdict(
+            scheme=self.scheme,
+            statistic=accuracy,
+            statistic_name="key_accuracy",
+            p_value=p_value,
+            alpha=alpha,
+            threshold=threshold,
+            is_watermarked=p_value < alpha,
+            queries=queries,
+            null=null,
+            details={
+                "hits": hits,
+                "keys": total,
+                "chance": chance,
+                "label_kind": self.config["label_kind"],
+                "generator": self.config["generator"],
+                "queries_to_significance": queries_to_significance(accuracy, chance, 1e-6),
+            },
+        )
+
+
+def null_model_test(
+    accuracy: float, null_accuracies: Sequence[float], alpha: float, null_model: NullModel = "normal"
+) -> tuple[float, float, str]:
+    """p-value, threshold and description of ``accuracy`` against unmarked models' key accuracies.
+
+    ``normal`` fits a normal distribution (the SoK toolbox's rule); when the null models' accuracies do not vary
+    (all 0, as for new-label keys) a normal fit would call any accuracy above them certain, so the empirical rank
+    is used instead.
+    """
+    if null_model not in ("normal", "empirical"):
+        raise ValueError(f"null_model must be 'normal' or 'empirical', got {null_model!r}")
+    n = len(null_accuracies)
+    if null_model == "normal" and n >= 2 and max(null_accuracies) > min(null_accuracies):
+        p_value = normal_null_p_value(accuracy, null_accuracies)
+        return (
+            p_value,
+            normal_null_threshold(null_accuracies, alpha),
+            f"normal fit to {n} unmarked models' key accuracies",
+        )
+    p_value = empirical_p_value(accuracy, null_accuracies)
+    return (
+        p_value,
+        _empirical_threshold(null_accuracies, alpha),
+        f"empirical distribution of {n} unmarked models' key accuracies",
+    )
+
+
+def _empirical_threshold(null_accuracies: Sequence[float], alpha: float) -> float:
+    """Key accuracy a suspect must exceed for an empirical p-value below ``alpha`` (inf: too few null models)."""
+    above = sorted(null_accuracies, reverse=True)
+    allowed = -1
+    while allowed + 1 < len(above) and (allowed + 2) / (1 + len(above)) < alpha:
+        allowed += 1
+    return above[allowed] if allowed >= 0 else math.inf
+
+
+def shard_indices(num_keys: int, rank: int, world_size: int) -> Tensor:
+    """The embedding keys one DDP rank injects: indices ``rank::world_size``, so ranks never share a key."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    if num_keys < world_size:
+        raise ValueError(f"{num_keys} embedding keys cannot be shared among {world_size} ranks; make more keys")
+    return torch.arange(rank, num_keys, world_size)
+
+
+class KeyCycler:
+    """Hands out a rank's key indices in seeded random order, a full pass over the shard before any repeat."""
+
+    def __init__(self, shard: Tensor, seed: int) -> None:
+        self.shard = shard
+        self.generator = torch.Generator().manual_seed(seed)
+        self._order = torch.empty(0, dtype=torch.long)
+
+    def take(self, count: int) -> Tensor:
+        while len(self._order) < count:
+            self._order = torch.cat(
+                [self._order, self.shard[torch.randperm(len(self.shard), generator=self.generator)]]
+            )
+        taken, self._order = self._order[:count], self._order[count:]
+        return taken
+
+
+class TriggerSetWatermark(WatermarkScheme):
+    """Embed a trigger set by adding key samples to every training batch (Zhang et al. 2018; Zhong et al. 2020).
+
+    The callback changes neither the DataModule nor the LightningModule: in ``on_train_batch_start`` it appends
+    key samples to the batch in place (``batch[0]``, ``batch[1]`` of the ``[x, y, ...]`` list that
+    ``default_collate`` gives for ``(x, y)`` samples; other elements are left alone), on the batch's device and
+    dtype. Under DDP each rank cycles through its own shard of the embedding keys (indices ``rank::world_size``),
+    so a key is never injected twice per pass; under gradient accumulation every micro-batch gets its keys. Key
+    samples only enter training batches, never validation or test metrics.
+
+    Unlike the papers, which add the trigger set to the training set once, keys are oversampled (``key_ratio`` of
+    every batch by default), so that a few epochs embed them.
+
+    ``num_keys`` embedding keys and ``num_verify`` held-out verification keys are made with the same key, from
+    distinct source images. The key file (``key_path``) holds both with their labels; verification queries only
+    the held-out keys. For :class:`~lightning_wm.watermarks.NewLabelTrigger` the model must output K+1 classes:
+    this is checked with one forward pass before training.
+
+    Args:
+        generator: the key-sample generator (``ContentTrigger``, ``NoiseTrigger``, ``UnrelatedTrigger``,
+            ``NewLabelTrigger``), given by ``class_path`` in YAML.
+        num_keys: embedding keys (``NewLabelTrigger(alpha_fraction=...)`` overrides it).
+        num_verify: held-out verification keys.
+        keys_per_batch: key samples added to each training batch; None uses ``key_ratio``.
+        key_ratio: key samples added per batch as a fraction of the batch size (at least one).
+        key_path, seed, alpha: see :class:`~lightning_wm.watermarks.base.WatermarkScheme`.
+    """
+
+    name = "trigger_set"
+
+    def __init__(
+        self,
+        generator: KeySampleGenerator,
+        num_keys: int = 100,
+        num_verify: int = 100,
+        keys_per_batch: int | None = None,
+        key_ratio: float = 0.1,
+        key_path: str | None = None,
+        seed: int | None = None,
+        alpha: float = 0.01,
+    ) -> None:
+        super().__init__(key_path=key_path, seed=seed, alpha=alpha)
+        if not isinstance(generator, KeySampleGenerator):
+            raise TypeError(f"generator must be a KeySampleGenerator, got {type(generator).__name__}")
+        if num_keys < 1 or num_verify < 1:
+            raise ValueError(f"num_keys and num_verify must be positive, got {num_keys} and {num_verify}")
+        if keys_per_batch is not None and keys_per_batch < 1:
+            raise ValueError(f"keys_per_batch must be positive, got {keys_per_batch}")
+        if not 0.0 < key_ratio <= 1.0:
+            raise ValueError(f"key_ratio must be in (0, 1], got {key_ratio}")
+        self.generator = generator
+        self.num_keys = num_keys
+        self.num_verify = num_verify
+        self.keys_per_batch = keys_per_batch
+        self.key_ratio = key_ratio
+        self._cycler: KeyCycler | None = None
+        self._device_keys: tuple[Tensor, Tensor] | None = None
+
+    def make_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> TriggerSetKey:
+        datamodule = trainer.datamodule
+        inputs, _ = training_tensors(datamodule)
+        num_classes = _task_classes(pl_module, datamodule)
+        generator = torch.Generator().manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
+        num_embed = self.generator.num_keys(len(inputs), self.num_keys)
+        samples = self.generator.generate(datamodule, num_embed + self.num_verify, generator)
+        if samples.images.shape[1:] != inputs.shape[1:]:
+            raise ValueError(
+                f"{type(self.generator).__name__} made keys of shape {tuple(samples.images.shape[1:])}, the model's "
+                f"inputs are {tuple(inputs.shape[1:])}"
+            )
+        keys = datamodule.normalize(samples.images.float()).to(inputs.dtype)
+        labels = torch.full((len(keys),), self.generator.key_label(num_classes), dtype=torch.long)
+        config = {
+            **self.generator.config(),
+            "label_kind": self.generator.label_kind,
+            "num_classes": num_classes,
+            "num_outputs": self.generator.num_outputs(num_classes),
+            "key_label": int(labels[0]),
+            "chance": self.generator.chance(num_classes),
+            "input_shape": list(inputs.shape[1:]),
+        }
+        tensors = {
+            "embed_inputs": keys[:num_embed],
+            "embed_labels": labels[:num_embed],
+            "verify_inputs": keys[num_embed:],
+            "verify_labels": labels[num_embed:],
+            **{f"generator_{name}": t for name, t in samples.secrets.items()},
+        }
+        return TriggerSetKey(config, tensors)
+
+    def on_key_ready(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._device_keys = None
+        self._cycler = None
+        sample = self.key.tensors["embed_inputs"][:1]
+        param = next(pl_module.parameters(), None)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                if param is not None:
+                    sample = sample.to(param.device, param.dtype)
+                outputs = pl_module(sample).shape[-1]
+        finally:
+            pl_module.train(was_training)
+        expected = int(self.key.config["num_outputs"])
+        if outputs == expected:
+            return
+        k = int(self.key.config["num_classes"])
+        if self.key.config["label_kind"] == "new_label":
+            raise ValueError(
+                f"NewLabelTrigger needs a model with K+1 = {expected} outputs (the new class is index {k}), the "
+                f"model has {outputs}: set the backbone's num_classes to {expected} "
+                f"(model.init_args.backbone.init_args.num_classes: {expected}) and keep ImageClassifier's "
+                f"num_classes at the task's {k}"
+            )
+        raise ValueError(
+            f"{self.key.config['generator']} keys are for a model with {expected} outputs (the task's classes), "
+            f"the model has {outputs}; set the backbone's num_classes to {expected}"
+        )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        shard = shard_indices(len(self.key.tensors["embed_labels"]), trainer.global_rank, trainer.world_size)
+        self._cycler = KeyCycler(shard, seed=(self.seed or 0) * 1_000_003 + trainer.global_rank)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not isinstance(batch, list) or len(batch) < 2 or not all(isinstance(t, Tensor) for t in batch[:2]):
+            raise TypeError(
+                "TriggerSetWatermark adds key samples to the training batch in place and needs it to be a list "
+                f"[x, y, ...] of tensors (what default_collate gives for (x, y) samples); got {_describe(batch)}. "
+                "Make the DataLoader's collate_fn return a list"
+            )
+        x, y = batch[0], batch[1]
+        if self._cycler is None:
+            self.on_train_start(trainer, pl_module)
+        count = self.keys_per_batch or max(1, round(self.key_ratio * len(x)))
+        index = self._cycler.take(count)  # type: ignore[union-attr]
+        keys, labels = self._keys_on(x.device)
+        index = index.to(x.device)
+        batch[0] = torch.cat([x, keys[index].to(dtype=x.dtype)])
+        batch[1] = torch.cat([y, labels[index].to(dtype=y.dtype)])
+
+    def _keys_on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if self._device_keys is None or self._device_keys[0].device != device:
+            self._device_keys = (
+                self.key.tensors["embed_inputs"].to(device),
+                self.key.tensors["embed_labels"].to(device),
+            )
+        return self._device_keys
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_epoch_end(trainer, pl_module)
+        if self._key is not None and not trainer.sanity_checking:
+            accuracy, _, _ = self.key.key_accuracy(pl_module, split="embed")
+            pl_module.log(f"wm/{self.name}/embed_key_accuracy", accuracy, sync_dist=True)
+
+
+def _task_classes(pl_module: nn.Module, datamodule: Any) -> int:
+    classes = getattr(pl_module, "num_classes", None) or getattr(datamodule, "num_classes", None)
+    if not isinstance(classes, int):
+        raise ValueError("TriggerSetWatermark needs the task's number of classes: set num_classes on the module")
+    return classes
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, (list, tuple)):
+        return f"a {type(batch).__name__} of {len(batch)} " + ", ".join(type(b).__name__ for b in batch[:3])
+    return f"a {type(batch).__name__}"

@@ -1,0 +1,34 @@
+"""Shared fixtures: fast Trainers on the bundled digits data; nothing touches the network."""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def fast_trainer(max_epochs: int = 1, callbacks: list | None = None, **kwargs) -> L.Trainer:
+    """A CPU Trainer without logger, checkpoints or progress bar: what most tests need."""
+    options = {
+        "max_epochs": max_epochs,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "callbacks": callbacks or [],
+    }
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+@pytest.fixture
+def digits():
+    from lightning_wm.data import DigitsDataModule
+
+    return DigitsDataModule(batch_size=64)

@@ -1,0 +1,336 @@
+"""Removal attacks on a small Uchida-marked SmallCNN trained on digits: each runs from its YAML config, does what
+its paper says, keeps the victim's weights and the owner's key out of its checkpoints, and reports its cost."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from conftest import fast_trainer
+
+from lightning_wm import ImageClassifier, load_classifier
+from lightning_wm.attacks import (
+    DistillationAttack,
+    EvasionAttack,
+    FineTuneAttack,
+    OverwriteAttack,
+    PruneAttack,
+    prune_sweep,
+)
+from lightning_wm.cli import main
+from lightning_wm.data import DigitsDataModule
+from lightning_wm.models import MLP, SmallCNN
+from lightning_wm.verify import load_key
+from lightning_wm.watermarks import NoiseTrigger, TriggerSetWatermark, UchidaWatermark
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+FAST = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny digits models run fastest on one thread, and the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def marked(tmp_path_factory, one_thread):
+    """A SmallCNN (width 16) carrying a 64-bit Uchida watermark in conv2, trained by ``lightning-wm fit``."""
+    root = tmp_path_factory.mktemp("victim")
+    config = yaml.safe_load((CONFIGS / "digits" / "uchida.yaml").read_text())
+    config["trainer"].update(max_epochs=6, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    config["trainer"]["default_root_dir"] = str(root)
+    wm, checkpoint = config["trainer"]["callbacks"]
+    wm["init_args"].update(bits=64, seed=3, key_path=str(root / "owner.key"))
+    checkpoint["init_args"]["dirpath"] = str(root)
+    config["model"]["init_args"]["backbone"]["init_args"]["width"] = 16
+    path = root / "victim.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path)])
+    victim = root / "last.ckpt"
+    key = load_key(root / "owner.key")
+    model = load_classifier(victim)
+    assert key.verify(model).is_watermarked
+    return victim, key, model
+
+
+@pytest.fixture(scope="module")
+def attacker_data():
+    return DigitsDataModule(batch_size=64, train_split="attacker")
+
+
+def _test_acc(module, data) -> float:
+    return fast_trainer().test(module, datamodule=data, verbose=False)[0]["test/acc"]
+
+
+@pytest.fixture(scope="module")
+def victim_acc(marked, attacker_data):
+    return _test_acc(marked[2], attacker_data)
+
+
+@pytest.mark.parametrize("name", ["fine_tune", "prune", "distillation", "overwrite", "evasion"])
+def test_attack_runs_from_its_config(name, marked, tmp_path, monkeypatch):
+    victim, key, model = marked
+    monkeypatch.chdir(tmp_path)
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "attacks" / f"{name}.yaml"),
+            f"--model.init_args.victim={victim}",
+            "--trainer.max_epochs=1",
+            *FAST,
+        ]
+    )
+    (checkpoint,) = Path("outputs/digits/attacks").glob(f"{name}/last.ckpt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    saved = state["state_dict"]
+    assert {k.split(".")[0] for k in saved} == ({"detector", "threshold"} if name == "evasion" else {"model"})
+    assert not any(k.endswith(("_orig", "_mask")) for k in saved), "pruning must be permanent in the checkpoint"
+    assert state["attack_cost"]["epochs"] == 1
+    key_tensors = [t.flatten() for t in key.tensors.values()]
+    for tensor in saved.values():
+        assert not any(tensor.numel() == t.numel() and torch.equal(tensor.flatten().to(t), t) for t in key_tensors)
+    if name in ("distillation", "evasion"):
+        victim_tensors = list(model.state_dict().values())
+        for tensor in saved.values():
+            assert not any(tensor.shape == v.shape and torch.equal(tensor, v) for v in victim_tensors)
+
+
+def test_fine_tuning_modes(marked, attacker_data, victim_acc):
+    victim, key, model = marked
+    sgd = partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    attacks = {mode: FineTuneAttack(victim, mode=mode, optimizer=sgd) for mode in ("FTLL", "FTAL", "RTLL")}
+    attacks["RTAL"] = FineTuneAttack(model, mode="RTAL", labels="victim", optimizer=sgd)
+    for attack in attacks.values():
+        trainer = fast_trainer(max_epochs=2)
+        trainer.fit(attack, datamodule=attacker_data)
+    conv2, head = model.backbone.conv2.weight, model.backbone.head.weight
+    for mode in ("FTLL", "RTLL"):
+        assert torch.equal(attacks[mode].model.conv2.weight, conv2), f"{mode} must train the last layer only"
+    assert not torch.equal(attacks["RTLL"].model.head.weight, head)
+    assert torch.equal(attacks["RTLL"].model_with_original_head().head.weight, head)
+    assert not torch.equal(attacks["FTAL"].model.conv2.weight, conv2)
+    assert key.verify(attacks["FTAL"]).is_watermarked, "Uchida et al.: mild fine-tuning keeps the watermark"
+    assert attacks["RTAL"].queries == 2 * len(attacker_data.dataset("attacker"))
+    assert attacks["FTAL"].queries == 0
+    assert _test_acc(attacks["FTAL"], attacker_data) > victim_acc - 0.05
+
+
+def test_global_pruning_at_90_percent_costs_accuracy(marked, attacker_data, victim_acc):
+    victim, key, _ = marked
+    attack = PruneAttack(victim, rate=0.9, scope="global")
+    trainer = fast_trainer(max_epochs=0)
+    trainer.fit(attack, datamodule=attacker_data)
+    assert attack.sparsity == pytest.approx(0.9, abs=1e-3)
+    assert not any(name.endswith("_orig") for name, _ in attack.named_parameters())
+    assert _test_acc(attack, attacker_data) < victim_acc - 0.2
+    rows = prune_sweep(victim, rates=(0.1, 0.9), key=key, datamodule=attacker_data)
+    assert [row["rate"] for row in rows] == [0.1, 0.9]
+    assert rows[0]["test_acc"] > rows[1]["test_acc"]
+    assert rows[0]["is_watermarked"]
+    assert 0.0 <= rows[1]["p_value"] <= 1.0
+
+
+def test_distillation_into_an_mlp_from_queries_only(marked, attacker_data):
+    victim, _, model = marked
+    adam = partial(torch.optim.Adam, lr=2e-3)
+    attack = DistillationAttack(victim, MLP(64, 10), temperature=3.0, optimizer=adam)
+    assert all(p.shape != q.shape or not torch.equal(p, q) for p in attack.parameters() for q in model.parameters())
+    trainer = fast_trainer(max_epochs=8)
+    trainer.fit(attack, datamodule=attacker_data)
+    assert attack.queries == 8 * len(attacker_data.dataset("attacker"))
+    assert trainer.callback_metrics["attack/queries"] == attack.queries
+    assert _test_acc(attack, attacker_data) > 0.85
+    budgeted = DistillationAttack(victim, MLP(64, 10), output="labels", query_budget=150, optimizer=adam)
+    fast_trainer(max_epochs=5).fit(budgeted, datamodule=attacker_data)
+    assert budgeted.queries == 150
+
+
+def test_bad_victims_and_students_fail_with_one_line(marked, tmp_path, monkeypatch, capsys):
+    victim, _, _ = marked
+    with pytest.raises(ValueError, match="outputs 7 logits but the victim outputs 10"):
+        DistillationAttack(victim, MLP(64, 7))
+    garbage = tmp_path / "truncated.ckpt"
+    garbage.write_bytes(victim.read_bytes()[:2000])
+    monkeypatch.chdir(tmp_path)
+    for path in (tmp_path / "missing.ckpt", garbage):
+        with pytest.raises(SystemExit) as exit_info:
+            main(
+                [
+                    "fit",
+                    "--config",
+                    str(CONFIGS / "attacks" / "distillation.yaml"),
+                    f"--model.init_args.victim={path}",
+                    *FAST,
+                ]
+            )
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert error[-1].startswith("lightning-wm: error:")
+        assert str(path) in error[-1]
+    assert not Path("outputs").exists(), "nothing may be trained"
+
+
+def test_overwriting_leaves_both_keys_verifiable(marked, attacker_data, tmp_path):
+    victim, owner_key, _ = marked
+    scheme = UchidaWatermark(layer="conv2", bits=64, strength=0.1, seed=99, key_path=str(tmp_path / "attacker.key"))
+    attack = OverwriteAttack(victim, scheme, optimizer=partial(torch.optim.Adam, lr=1e-3))
+    fast_trainer(max_epochs=3).fit(attack, datamodule=attacker_data)
+    attacker_key = load_key(tmp_path / "attacker.key")
+    assert attacker_key.verify(attack).is_watermarked
+    assert math.isfinite(owner_key.verify(attack).p_value)
+
+
+def test_evasion_answers_unusual_queries_wrongly(marked, attacker_data):
+    victim, _, model = marked
+    attack = EvasionAttack(victim, quantile=0.97, optimizer=partial(torch.optim.Adam, lr=2e-3))
+    fast_trainer(max_epochs=8).fit(attack, datamodule=attacker_data)
+    clean = attacker_data.dataset("test").tensors[0]
+    noise = torch.randn(200, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2
+    assert attack.flag_rate(clean) < 0.1
+    assert attack.flag_rate(noise) > 0.8
+    with torch.no_grad():
+        evasive, honest = attack.eval()(noise).argmax(-1), model.eval()(noise).argmax(-1)
+    flagged = attack.is_flagged(noise)
+    assert (evasive[flagged] != honest[flagged]).all()
+    assert (evasive[~flagged] == honest[~flagged]).all()
+    metrics = fast_trainer().test(attack, datamodule=attacker_data, verbose=False)[0]
+    assert metrics["test/flag_rate"] < 0.1
+    assert metrics["attack/queries"] == 0
+
+
+def test_overwriting_and_evasion_remove_a_trigger_set(attacker_data, tmp_path):
+    L.seed_everything(0)
+    generator = NoiseTrigger(target_class=0, sigma=0.5)
+    wm = TriggerSetWatermark(generator, num_keys=50, num_verify=50, seed=1, key_path=str(tmp_path / "owner.key"))
+    victim = ImageClassifier(SmallCNN(1, 10, 16), optimizer=partial(torch.optim.Adam, lr=2e-3))
+    fast_trainer(max_epochs=10, callbacks=[wm]).fit(victim, datamodule=DigitsDataModule(batch_size=64))
+    key = load_key(tmp_path / "owner.key")
+    assert key.verify(victim).is_watermarked
+    own = TriggerSetWatermark(NoiseTrigger(target_class=3, sigma=0.5), num_keys=50, num_verify=50, seed=7)
+    overwrite = OverwriteAttack(victim, own, optimizer=partial(torch.optim.Adam, lr=1e-3))
+    fast_trainer(max_epochs=5).fit(overwrite, datamodule=attacker_data)
+    assert own.key.verify(overwrite).is_watermarked
+    assert not key.verify(overwrite).is_watermarked
+    evasion = EvasionAttack(victim, optimizer=partial(torch.optim.Adam, lr=2e-3))
+    fast_trainer(max_epochs=8).fit(evasion, datamodule=attacker_data)
+    assert evasion.flag_rate(key.tensors["verify_inputs"]) > 0.5
+    assert not key.verify(evasion).is_watermarked
+    assert key.verify(victim).is_watermarked
+
+
+@pytest.mark.slow
+def test_attacks_on_fashion_mnist_uchida_victim(tmp_path):
+    """Every attack against a Uchida-marked SmallCNN on Fashion-MNIST: accuracy, verdict and cost, written to
+    /work/results/issue6.json as each attack ends; the SoK budget counts an attack only if it loses at most 5
+    accuracy points. Epochs are cut to fit a shared 2-core CPU (one thread): about 40 minutes."""
+    from lightning_wm.data import FashionMNISTDataModule
+
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    owner = FashionMNISTDataModule(data_dir="/work/data", batch_size=128)
+    attacker = FashionMNISTDataModule(data_dir="/work/data", batch_size=128, train_split="attacker")
+    wm = UchidaWatermark(layer="conv2", bits=256, strength=0.01, seed=0, key_path=str(tmp_path / "owner.key"))
+    victim = ImageClassifier(SmallCNN(1, 10, 32), optimizer=partial(torch.optim.Adam, lr=1e-3))
+    start = time.perf_counter()
+    fast_trainer(max_epochs=8, callbacks=[wm], num_sanity_val_steps=0).fit(victim, datamodule=owner)
+    victim_time = time.perf_counter() - start
+    key = load_key(tmp_path / "owner.key")
+    results: dict[str, dict] = {}
+    output = Path("/work/results/issue6.json")
+
+    def save() -> None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(results, indent=2, default=str))
+
+    def trainer(epochs: int):
+        return fast_trainer(max_epochs=epochs, num_sanity_val_steps=0, limit_val_batches=0.25)
+
+    base_acc = fast_trainer().test(victim, datamodule=attacker, verbose=False)[0]["test/acc"]
+    verdict = key.verify(victim)
+    results["victim"] = {
+        "test_acc": base_acc,
+        "ber": verdict.statistic,
+        "p_value": verdict.p_value,
+        "watermarked": verdict.is_watermarked,
+        "epochs": 8,
+        "wall_time_s": victim_time,
+    }
+    save()
+
+    def record(name: str, attack, **extra) -> None:
+        metrics = fast_trainer().test(attack, datamodule=attacker, verbose=False)[0]
+        row = {"test_acc": metrics["test/acc"], "queries": attack.queries, "epochs": attack.epochs}
+        row["wall_time_s"] = attack.wall_time
+        try:
+            v = key.verify(attack)
+            row.update(ber=v.statistic, p_value=v.p_value, watermarked=v.is_watermarked)
+        except (ValueError, TypeError) as err:
+            row.update(ber=None, p_value=None, watermarked=None, verify_error=str(err).splitlines()[0])
+        row["drop_points"] = 100 * (base_acc - row["test_acc"])
+        row["within_5pt_budget"] = row["test_acc"] >= base_acc - 0.05
+        row["removed_within_budget"] = bool(row["within_5pt_budget"] and row["watermarked"] is False)
+        row.update(extra)
+        results[name] = row
+        save()
+
+    sgd = partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    adam = partial(torch.optim.Adam, lr=1e-3)
+    attack = FineTuneAttack(victim, mode="FTAL", optimizer=sgd)
+    trainer(3).fit(attack, datamodule=attacker)
+    record("FTAL", attack)
+    for row in prune_sweep(victim, rates=(0.3, 0.5, 0.65, 0.8, 0.9), key=key, datamodule=attacker):
+        results[f"prune_global_{row['rate']}"] = {
+            "test_acc": row["test_acc"],
+            "ber": row["statistic"],
+            "p_value": row["p_value"],
+            "watermarked": row["is_watermarked"],
+            "sparsity": row["sparsity"],
+            "drop_points": 100 * (base_acc - row["test_acc"]),
+            "within_5pt_budget": row["test_acc"] >= base_acc - 0.05,
+            "removed_within_budget": bool(row["test_acc"] >= base_acc - 0.05 and not row["is_watermarked"]),
+        }
+    save()
+    attack = DistillationAttack(victim, SmallCNN(1, 10, 32), temperature=3.0, optimizer=adam)
+    trainer(5).fit(attack, datamodule=attacker)
+    record("distill_smallcnn_T3_probs", attack)
+    scheme = UchidaWatermark(layer="conv2", bits=256, strength=0.1, seed=1, key_path=str(tmp_path / "attacker.key"))
+    attack = OverwriteAttack(victim, scheme, optimizer=adam)
+    trainer(3).fit(attack, datamodule=attacker)
+    own = load_key(tmp_path / "attacker.key").verify(attack)
+    record("overwrite_lambda_0.1", attack, attacker_ber=own.statistic, attacker_p_value=own.p_value)
+    attack = EvasionAttack(victim, quantile=0.97, optimizer=adam)
+    trainer(2).fit(attack, datamodule=attacker)
+    record(
+        "evasion_q0.97",
+        attack,
+        white_box_ber_of_served_weights=key.verify(victim).statistic,
+        flag_rate_clean_test=attack.flag_rate(attacker.dataset("test").tensors[0]),
+    )
+    for mode, labels, epochs in (("RTAL", "victim", 3), ("RTLL", "victim", 3), ("FTLL", "true", 2)):
+        attack = FineTuneAttack(victim, mode=mode, labels=labels, optimizer=sgd)
+        trainer(epochs).fit(attack, datamodule=attacker)
+        record(mode, attack, ber_original_head=key.verify(attack.model_with_original_head()).statistic)
+    attack = DistillationAttack(victim, MLP(784, 10), temperature=3.0, optimizer=adam)
+    trainer(5).fit(attack, datamodule=attacker)
+    record("distill_mlp_T3_probs", attack)
+    attack = PruneAttack(victim, rate=0.9, scope="layer", optimizer=sgd)
+    trainer(2).fit(attack, datamodule=attacker)
+    record("prune_layer_0.9_finetune2", attack, sparsity=attack.sparsity)
+    assert results["victim"]["watermarked"]
+    assert results["FTAL"]["watermarked"], "Uchida et al.: fine-tuning does not remove the watermark"
+    assert results["prune_global_0.5"]["watermarked"], "Uchida et al.: the watermark survives 50% pruning"
+    assert results["prune_global_0.9"]["test_acc"] < base_acc - 0.05
+    assert results["distill_smallcnn_T3_probs"]["within_5pt_budget"]
+    assert not results["distill_smallcnn_T3_probs"]["watermarked"], "a student does not inherit the weights"

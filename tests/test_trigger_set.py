@@ -1,0 +1,465 @@
+"""Trigger-set watermarks: Zhang et al. 2018 (content, noise, unrelated keys) and Zhong et al. 2020 (new label)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_wm import ImageClassifier
+from lightning_wm.cli import main as cli_main
+from lightning_wm.data import DigitsDataModule
+from lightning_wm.models import SmallCNN
+from lightning_wm.verify import load_key
+from lightning_wm.watermarks import (
+    ContentTrigger,
+    NewLabelTrigger,
+    NoiseTrigger,
+    TriggerSetWatermark,
+    UnrelatedTrigger,
+)
+from lightning_wm.watermarks.key_samples import render_text
+from lightning_wm.watermarks.trigger_set import KeyCycler, TriggerSetKey, null_model_test, shard_indices
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+FASHION_DIR = "/work/data"
+EPOCHS = 6
+
+GENERATORS = {
+    "content": lambda: ContentTrigger(target_class=0),
+    "noise": lambda: NoiseTrigger(target_class=0, sigma=0.5),
+    "unrelated": lambda: UnrelatedTrigger(target_class=0, data_dir=FASHION_DIR),
+    "new_label": lambda: NewLabelTrigger(beta=0.2, alpha_fraction=0.05),
+}
+
+
+def _trainer(max_epochs: int, callbacks: list | None = None, **kwargs) -> L.Trainer:
+    options = {
+        "max_epochs": max_epochs,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+        "callbacks": callbacks or [],
+    }
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+def _classifier(outputs: int, classes: int = 10, width: int = 16, in_channels: int = 1) -> ImageClassifier:
+    return ImageClassifier(SmallCNN(in_channels, outputs, width=width), num_classes=classes)
+
+
+def _fit(
+    datamodule: L.LightningDataModule, scheme: TriggerSetWatermark | None, outputs: int, epochs: int, seed: int = 0
+) -> ImageClassifier:
+    L.seed_everything(seed)
+    model = _classifier(outputs)
+    _trainer(epochs, [scheme] if scheme is not None else []).fit(model, datamodule)
+    return model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models train faster on one thread, and two threads spin on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def clean_models() -> dict[int, ImageClassifier]:
+    """Unmarked models trained like the marked ones (same seed and epochs), with 10 and with 11 outputs."""
+    datamodule = DigitsDataModule(batch_size=64)
+    return {outputs: _fit(datamodule, None, outputs, EPOCHS) for outputs in (10, 11)}
+
+
+@pytest.fixture(scope="module")
+def marked_models() -> Callable[[str], tuple[TriggerSetWatermark, ImageClassifier]]:
+    """Marked models per generator, trained once per module on first use."""
+    cache: dict[str, tuple[TriggerSetWatermark, ImageClassifier]] = {}
+
+    def get(name: str) -> tuple[TriggerSetWatermark, ImageClassifier]:
+        if name not in cache:
+            scheme = TriggerSetWatermark(GENERATORS[name](), num_keys=40, num_verify=40, seed=1)
+            outputs = 11 if name == "new_label" else 10
+            cache[name] = scheme, _fit(DigitsDataModule(batch_size=64), scheme, outputs, EPOCHS)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(GENERATORS))
+def test_marked_model_is_declared_and_clean_model_is_not(
+    name: str, marked_models: Callable, clean_models: dict[int, ImageClassifier]
+) -> None:
+    scheme, marked = marked_models(name)
+    outputs = 11 if name == "new_label" else 10
+
+    verdict = scheme.key.verify(marked, alpha=0.01)
+    assert verdict.is_watermarked, verdict
+    assert verdict.statistic >= 0.8
+    assert verdict.queries == 40
+    assert verdict.details["queries_to_significance"] > 0
+    clean = scheme.key.verify(clean_models[outputs], alpha=0.01)
+    assert not clean.is_watermarked, clean
+
+
+def test_new_label_keys_carry_the_new_class_and_its_chance_rate(digits: DigitsDataModule) -> None:
+    scheme = TriggerSetWatermark(NewLabelTrigger(alpha_fraction=0.1), num_verify=20, seed=3)
+    _trainer(1, [scheme], limit_train_batches=1).fit(_classifier(11), digits)
+    key = scheme.key
+    assert set(key.tensors["embed_labels"].tolist()) == {10} == set(key.tensors["verify_labels"].tolist())
+    assert len(key.tensors["embed_labels"]) == round(0.1 * len(digits.train_dataset))
+    assert key.config["chance"] == pytest.approx(1 / 11)
+    assert key.tensors["generator_delta"].abs().eq(1).all()
+
+
+def test_shard_indices_split_the_keys_among_ranks_without_overlap() -> None:
+    shards = [shard_indices(10, rank, 3) for rank in range(3)]
+    assert [s.tolist() for s in shards] == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert sorted(torch.cat(shards).tolist()) == list(range(10))
+    with pytest.raises(ValueError, match="cannot be shared"):
+        shard_indices(2, 0, 4)
+
+
+def test_key_cycler_visits_its_whole_shard_before_repeating() -> None:
+    shard = shard_indices(20, 1, 2)
+    cycler = KeyCycler(shard, seed=0)
+    first_pass = torch.cat([cycler.take(3) for _ in range(3)] + [cycler.take(1)])
+    assert sorted(first_pass.tolist()) == shard.tolist()
+    second_pass = cycler.take(10)
+    assert sorted(second_pass.tolist()) == shard.tolist()
+
+
+def test_each_rank_injects_only_its_own_shard(digits: DigitsDataModule) -> None:
+    scheme = TriggerSetWatermark(ContentTrigger(), num_keys=12, num_verify=4, keys_per_batch=3, seed=0)
+    _trainer(1, [scheme], limit_train_batches=1).fit(_classifier(10), digits)
+    keys = scheme.key.tensors["embed_inputs"]
+    for rank in range(2):
+        scheme._cycler = None
+        fake_trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        seen = []
+        for _ in range(2):
+            x, y = torch.zeros(5, *keys.shape[1:]), torch.full((5,), 7)
+            batch = [x, y]
+            scheme.on_train_batch_start(fake_trainer, None, batch, 0)
+            assert batch[0].shape[0] == 8
+            assert batch[1][:5].eq(7).all()
+            assert batch[1][5:].eq(0).all()
+            injected = batch[0][5:]
+            seen += [int((keys == k).flatten(1).all(1).nonzero()) for k in injected]
+        assert sorted(seen) == list(range(rank, 12, 2))
+
+
+class _BatchSizes(L.Callback):
+    def __init__(self) -> None:
+        self.sizes: dict[str, list[int]] = {"train": [], "val": []}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.sizes["train"].append(len(batch[0]))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.sizes["val"].append(len(batch[0]))
+
+
+def test_keys_enter_training_batches_only(digits: DigitsDataModule) -> None:
+    sizes = _BatchSizes()
+    scheme = TriggerSetWatermark(ContentTrigger(), num_keys=20, num_verify=10, keys_per_batch=5, seed=0)
+    trainer = _trainer(1, [scheme, sizes], limit_train_batches=2, limit_val_batches=2)
+    trainer.fit(_classifier(10), digits)
+    assert sizes.sizes["train"] == [64 + 5, 64 + 5]
+    assert sizes.sizes["val"] == [64, 64]
+
+
+def test_batch_that_is_not_a_mutable_list_is_a_clear_error(digits: DigitsDataModule) -> None:
+    scheme = TriggerSetWatermark(ContentTrigger(), num_keys=8, num_verify=4, seed=0)
+    _trainer(1, [scheme], limit_train_batches=1).fit(_classifier(10), digits)
+    with pytest.raises(TypeError, match=r"list \[x, y, \.\.\.\]"):
+        scheme.on_train_batch_start(SimpleNamespace(global_rank=0, world_size=1), None, (torch.zeros(2), None), 0)
+
+
+def test_checkpoint_holds_no_key_tensor(digits: DigitsDataModule, tmp_path: Path) -> None:
+    scheme = TriggerSetWatermark(ContentTrigger(), num_keys=20, num_verify=20, seed=0, key_path=str(tmp_path / "k"))
+    trainer = _trainer(1, [scheme])
+    trainer.fit(_classifier(10), digits)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    checkpoint = torch.load(tmp_path / "model.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["callbacks"], "the scheme's fingerprint should be in the checkpoint"
+
+    images = [t for name, t in scheme.key.tensors.items() if name.endswith("_inputs")]
+    secrets = list(scheme.key.tensors.values())
+    for tensor in _all_tensors(checkpoint):
+        for secret in secrets:
+            assert not (tensor.shape == secret.shape and torch.equal(tensor, secret))
+        for image_set in images:
+            if tensor.dim() >= 3 and tuple(tensor.shape[-3:]) == tuple(image_set.shape[1:]):
+                flat = tensor.reshape(-1, *image_set.shape[1:]).float()
+                assert not (flat[:, None] == image_set[None]).flatten(2).all(2).any()
+
+
+def _all_tensors(obj: object) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for value in obj.values() for t in _all_tensors(value)]
+    if isinstance(obj, (list, tuple)):
+        return [t for value in obj for t in _all_tensors(value)]
+    return []
+
+
+def test_new_label_with_k_outputs_says_what_to_set(digits: DigitsDataModule) -> None:
+    scheme = TriggerSetWatermark(NewLabelTrigger(alpha_fraction=0.05), seed=0)
+    with pytest.raises(ValueError, match=r"K\+1 = 11 outputs.*num_classes to 11"):
+        _trainer(1, [scheme], limit_train_batches=1).fit(_classifier(10), digits)
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [(torch.ones(3, 3, 3), "3 channels, the images have 1"), (torch.ones(10, 4), "does not fit"), (torch.ones(2), "")],
+)
+def test_trigger_patch_of_the_wrong_shape_is_a_clear_error(
+    patch: torch.Tensor, message: str, digits: DigitsDataModule
+) -> None:
+    scheme = TriggerSetWatermark(ContentTrigger(patch=patch), num_keys=8, num_verify=8, seed=0)
+    with pytest.raises(ValueError, match=message or "must be"):
+        _trainer(1, [scheme], limit_train_batches=1).fit(_classifier(10), digits)
+
+
+def test_content_trigger_stamps_text_or_patch_and_rejects_unknown_letters(digits: DigitsDataModule) -> None:
+    assert render_text("TEST").shape == (5, 15)
+    pixels, mask = ContentTrigger(patch=torch.full((1, 2, 2), 0.5), position=(0, 0)).stamp((1, 8, 8))
+    assert mask.sum() == 4
+    assert pixels[0, :2, :2].eq(0.5).all()
+    with pytest.raises(ValueError, match="A-Z"):
+        ContentTrigger(text="T3ST")
+
+
+def test_key_file_round_trip_verifies_the_same(digits: DigitsDataModule, tmp_path: Path) -> None:
+    key_path = tmp_path / "owner.key"
+    scheme = TriggerSetWatermark(NoiseTrigger(), num_keys=40, num_verify=40, seed=5, key_path=str(key_path))
+    model = _fit(digits, scheme, 10, 3)
+    loaded = load_key(key_path)
+    assert isinstance(loaded, TriggerSetKey)
+    assert loaded.fingerprint() == scheme.key.fingerprint()
+    direct, reloaded = scheme.key.verify(model), loaded.verify(model)
+    assert (direct.statistic, direct.p_value) == (reloaded.statistic, reloaded.p_value)
+
+    labels_only = loaded.verify(lambda x: model.eval()(x).argmax(-1))
+    assert labels_only.statistic == direct.statistic
+    assert labels_only.queries == 40
+
+    again = TriggerSetWatermark(NoiseTrigger(), num_keys=40, num_verify=40, seed=99, key_path=str(key_path))
+    _trainer(1, [again], limit_train_batches=1).fit(_classifier(10), digits)
+    assert again.key.fingerprint() == loaded.fingerprint()
+
+
+def test_empirical_null_from_unmarked_models_accuracies(marked_models: Callable) -> None:
+    scheme, model = marked_models("content")
+    nulls = [0.05, 0.1, 0.0, 0.075, 0.025]
+    normal = scheme.key.verify(model, null_accuracies=nulls)
+    assert normal.is_watermarked
+    assert "normal fit" in normal.null
+    empirical = scheme.key.verify(model, null_accuracies=nulls, null_model="empirical")
+    assert empirical.p_value == pytest.approx(1 / 6)
+    assert not empirical.is_watermarked
+    assert math.isinf(empirical.threshold)
+    constant = scheme.key.verify(model, null_accuracies=[0.0] * 5)
+    assert "empirical" in constant.null
+    assert constant.p_value == pytest.approx(1 / 6)
+
+
+def test_config_runs_through_the_cli_and_verifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = str(CONFIGS / "digits" / "new_label.yaml")
+    cli_main(["fit", "--config", config, "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false"])
+    key_file = tmp_path / "outputs" / "digits" / "new_label.key"
+    assert key_file.is_file()
+    checkpoint = next((tmp_path / "outputs").rglob("last.ckpt"))
+    cli_main(["verify", "--config", config, "--key", str(key_file), "--ckpt_path", str(checkpoint)])
+    verdict = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert verdict["scheme"] == "trigger_set"
+    assert verdict["queries"] == 100
+
+
+class _ShardRecordingTriggerSet(TriggerSetWatermark):
+    """Writes each rank's key shard to a file, to check the sharding inside real DDP processes."""
+
+    def __init__(self, record_dir: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.record_dir = record_dir
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        shard = self._cycler.shard.tolist()  # type: ignore[union-attr]
+        (Path(self.record_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(shard))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_shards_the_keys_and_embeds_the_watermark(tmp_path: Path) -> None:
+    key_path = tmp_path / "ddp.key"
+    scheme = _ShardRecordingTriggerSet(
+        str(tmp_path), generator=ContentTrigger(), num_keys=40, num_verify=40, seed=1, key_path=str(key_path)
+    )
+    L.seed_everything(0)
+    model = _classifier(10)
+    trainer = _trainer(EPOCHS, [scheme], strategy="ddp_spawn", devices=2)
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    shards = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert shards == [list(range(0, 40, 2)), list(range(1, 40, 2))]
+    assert load_key(key_path).verify(model).is_watermarked
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Fashion-MNIST measurements (slow): python -m pytest -m slow tests/test_trigger_set.py
+# Three stages that can run as separate processes (-k null_models / -k trigger_sets / -k summary); each stage writes
+# its part under /work/results/issue4/, and the summary joins them into /work/results/issue4.json.
+
+MEASURE_EPOCHS = 3
+FINE_TUNE_EPOCHS = 5
+NULL_SEEDS = 5
+RESULTS = Path("/work/results/issue4.json")
+PARTS = Path("/work/results/issue4")
+
+
+def _fashion_generator(name: str) -> object:
+    return {
+        "content": lambda: ContentTrigger(target_class=0),
+        "noise": lambda: NoiseTrigger(target_class=0, sigma=0.5),
+        "unrelated": lambda: UnrelatedTrigger(target_class=0),
+        "new_label": lambda: NewLabelTrigger(beta=0.2, alpha_fraction=0.01),
+    }[name]()
+
+
+def _fashion(split: str = "defender") -> L.LightningDataModule:
+    from lightning_wm.data import FashionMNISTDataModule
+
+    return FashionMNISTDataModule(data_dir=FASHION_DIR, batch_size=128, train_split=split)
+
+
+def _fashion_fit(scheme: TriggerSetWatermark | None, outputs: int, seed: int) -> ImageClassifier:
+    torch.set_num_threads(1)
+    L.seed_everything(seed)
+    model = _classifier(outputs, width=32)
+    _trainer(MEASURE_EPOCHS, [scheme] if scheme else []).fit(model, _fashion())
+    return model
+
+
+def _test_accuracy(model: ImageClassifier) -> float:
+    return float(_trainer(1).test(model, _fashion(), verbose=False)[0]["test/acc"])
+
+
+def _null_model(seed: int) -> ImageClassifier:
+    model = _classifier(10, width=32)
+    model.backbone.load_state_dict(torch.load(PARTS / f"null_{seed}.pt", weights_only=True))
+    return model
+
+
+@pytest.mark.slow
+def test_fashion_mnist_null_models() -> None:
+    PARTS.mkdir(parents=True, exist_ok=True)
+    accuracies = []
+    for seed in range(NULL_SEEDS):
+        start = time.time()
+        model = _fashion_fit(None, 10, seed)
+        torch.save(model.backbone.state_dict(), PARTS / f"null_{seed}.pt")
+        accuracies.append({"seed": seed, "test_accuracy": _test_accuracy(model), "seconds": time.time() - start})
+        (PARTS / "nulls.json").write_text(json.dumps(accuracies, indent=2))
+    assert min(a["test_accuracy"] for a in accuracies) > 0.8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["content", "noise", "unrelated", "new_label"])
+def test_fashion_mnist_trigger_sets(name: str) -> None:
+    PARTS.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    scheme = TriggerSetWatermark(_fashion_generator(name), num_keys=500, num_verify=100, seed=17)
+    marked = _fashion_fit(scheme, 11 if name == "new_label" else 10, 0)
+    key = scheme.key
+    key.save_key(PARTS / f"{name}.key")
+    verdict = key.verify(marked, alpha=0.01)
+    row = {
+        "generator": key.config,
+        "embedding_keys": len(key.tensors["embed_labels"]),
+        "verification_keys": len(key.tensors["verify_labels"]),
+        "key_accuracy": verdict.statistic,
+        "embed_key_accuracy": key.key_accuracy(marked, split="embed")[0],
+        "p_value": verdict.p_value,
+        "is_watermarked": verdict.is_watermarked,
+        "queries": verdict.queries,
+        "queries_to_p_1e-6": verdict.details["queries_to_significance"],
+        "test_accuracy": _test_accuracy(marked),
+        "train_seconds": time.time() - start,
+    }
+    (PARTS / f"{name}.json").write_text(json.dumps(row, indent=2))
+
+    L.seed_everything(1)
+    attacked = ImageClassifier(copy.deepcopy(marked.backbone), num_classes=10)
+    _trainer(FINE_TUNE_EPOCHS).fit(attacked, _fashion("attacker"))
+    after = key.verify(attacked, alpha=0.01)
+    row["fine_tuned"] = {
+        "key_accuracy": after.statistic,
+        "p_value": after.p_value,
+        "is_watermarked": after.is_watermarked,
+        "test_accuracy": _test_accuracy(attacked),
+    }
+    row["seconds"] = time.time() - start
+    (PARTS / f"{name}.json").write_text(json.dumps(row, indent=2))
+    assert verdict.is_watermarked
+
+
+@pytest.mark.slow
+def test_fashion_mnist_summary() -> None:
+    nulls = json.loads((PARTS / "nulls.json").read_text())
+    null_models = [_null_model(n["seed"]) for n in nulls]
+    baseline = nulls[0]["test_accuracy"]
+    results: dict[str, object] = {
+        "setup": {
+            "dataset": "Fashion-MNIST: the owner trains on the defender split, the attacker fine-tunes on its split",
+            "model": "SmallCNN(width=32), Adam lr 1e-3, batch 128 (+10% key samples), 500 embedding keys "
+            "(new label: alpha_fraction=0.01 of the training set), 100 held-out verification keys",
+            "epochs": MEASURE_EPOCHS,
+            "fine_tune": f"{FINE_TUNE_EPOCHS} epochs, all layers, plain ImageClassifier (Adam lr 1e-3), attacker split",
+            "null_models": f"{len(nulls)} unmarked SmallCNNs (seeds 0..{len(nulls) - 1}, 10 outputs), same epochs",
+            "baseline": "the unmarked model of seed 0, same seed and epochs as the marked models",
+            "torch_threads": 1,
+        },
+        "baseline": {"test_accuracy": baseline, "null_models": nulls},
+    }
+    for name in ("content", "noise", "unrelated", "new_label"):
+        row = json.loads((PARTS / f"{name}.json").read_text())
+        key = load_key(PARTS / f"{name}.key")
+        null_verdicts = [key.verify(m, alpha=0.01) for m in null_models]
+        row["test_accuracy_drop_points"] = 100 * (baseline - row["test_accuracy"])
+        row["null_key_accuracies"] = [v.statistic for v in null_verdicts]
+        row["null_p_values"] = [v.p_value for v in null_verdicts]
+        row["false_positives_at_0.01"] = sum(v.is_watermarked for v in null_verdicts)
+        if len(null_models) >= 2:
+            nulls_accuracy = row["null_key_accuracies"]
+            p_value, threshold, how = null_model_test(row["key_accuracy"], nulls_accuracy, 0.01)
+            row["null_model_test"] = {"p_value": p_value, "threshold": threshold, "null": how}
+            p_value, _, _ = null_model_test(row["fine_tuned"]["key_accuracy"], nulls_accuracy, 0.01)
+            row["fine_tuned"]["null_model_p_value"] = p_value
+        results[name] = row
+    RESULTS.write_text(json.dumps(results, indent=2, default=str))
+
+    for name in ("content", "noise", "unrelated", "new_label"):
+        row = results[name]
+        assert row["key_accuracy"] >= 0.98, (name, row["key_accuracy"])
+        assert row["false_positives_at_0.01"] == 0, (name, row["null_key_accuracies"])
+        assert 0 < row["queries_to_p_1e-6"] <= 50, (name, row["queries_to_p_1e-6"])
+        assert row["test_accuracy_drop_points"] <= 0.5, (name, row["test_accuracy_drop_points"])
+    assert results["new_label"]["fine_tuned"]["key_accuracy"] >= 0.99
