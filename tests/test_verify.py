@@ -30,7 +30,9 @@ def test_binomial_p_value_matches_hand_computed_tails():
     assert binomial_p_value(10, 10, 0.5) == pytest.approx(1 / 1024)
     assert binomial_p_value(9, 10, 0.5) == pytest.approx(11 / 1024)
     assert binomial_p_value(0, 10, 0.5) == 1.0
-    assert binomial_p_value(3, 5, 0.1) == pytest.approx(sum(math.comb(5, i) * 0.1**i * 0.9 ** (5 - i) for i in (3, 4, 5)))
+    assert binomial_p_value(3, 5, 0.1) == pytest.approx(
+        sum(math.comb(5, i) * 0.1**i * 0.9 ** (5 - i) for i in (3, 4, 5))
+    )
     assert binomial_p_value(256, 256, 0.5) == pytest.approx(0.5**256, rel=1e-9)
     assert binomial_p_value(60, 100, 0.1) == pytest.approx(stats.binom.sf(59, 100, 0.1))
 

@@ -56,7 +56,9 @@ def empirical_p_value(score: float, null_scores: Sequence[float], higher_is_wate
     return (1 + extreme) / (1 + len(null_scores))
 
 
-def normal_null_threshold(null_scores: Sequence[float], alpha: float = 0.01, higher_is_watermarked: bool = True) -> float:
+def normal_null_threshold(
+    null_scores: Sequence[float], alpha: float = 0.01, higher_is_watermarked: bool = True
+) -> float:
     """Decision threshold from a normal fit to clean models' scores, as the SoK toolbox does (anchors.md §1.4)."""
     if len(null_scores) < 2:
         raise ValueError("normal_null_threshold needs at least two null scores")
