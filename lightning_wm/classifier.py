@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,12 @@ class ImageClassifier(WatermarkMixin, L.LightningModule):
         optimizer: optimizer factory, set from the CLI the LightningCLI way (``--optimizer.lr``...).
         lr_scheduler: optional scheduler factory.
         pretrained: a checkpoint of ``lightning-wm fit`` whose weights initialise the model (to embed while
-            fine-tuning, Uchida et al.'s second situation).
+            fine-tuning, Uchida et al.'s second situation); a checkpoint written from Python is read into the
+            ``backbone``'s architecture.
         teacher: a checkpoint of a trained classifier: the model then learns the teacher's soft labels (KL at
             ``temperature``) instead of the ground truth (to embed while distilling, Uchida et al.'s third
-            situation). The teacher is frozen.
+            situation). The teacher is frozen; a checkpoint written from Python is read into a copy of the
+            ``backbone``'s architecture.
         temperature: softmax temperature of the distillation.
     """
 
@@ -55,8 +58,8 @@ class ImageClassifier(WatermarkMixin, L.LightningModule):
         self.save_hyperparameters(ignore=[] if from_cli else ["backbone", "optimizer", "lr_scheduler"])
         self.backbone = backbone
         if pretrained is not None:
-            self.backbone.load_state_dict(load_classifier(pretrained).backbone.state_dict())
-        self.teacher = load_classifier(teacher).backbone.requires_grad_(False) if teacher is not None else None
+            self.backbone.load_state_dict(_load_backbone(pretrained, backbone).state_dict())
+        self.teacher = _load_backbone(teacher, backbone).requires_grad_(False) if teacher is not None else None
         self.temperature = temperature
         self.num_classes = num_classes
         self.optimizer = optimizer
@@ -105,6 +108,17 @@ class ImageClassifier(WatermarkMixin, L.LightningModule):
         if self.lr_scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
+
+
+def _load_backbone(checkpoint: str | Path, like: nn.Module) -> nn.Module:
+    """The backbone of a classifier checkpoint; one written from Python (no recorded backbone) is read into a
+    copy of ``like``, the architecture of the model being built."""
+    try:
+        return load_classifier(checkpoint).backbone
+    except ValueError as err:
+        if "does not record its backbone" not in str(err):
+            raise
+        return load_classifier(checkpoint, backbone=copy.deepcopy(like)).backbone
 
 
 def load_classifier(checkpoint: str | Path, backbone: nn.Module | None = None) -> L.LightningModule:

@@ -153,9 +153,11 @@ def resolve_layer(model: nn.Module, name: str) -> nn.Module:
                     f"valid names: {', '.join(weight_layer_names(model))}"
                 )
             return layer
-    suffix_matches = [m for n, m in modules.items() if n.endswith(f".{name.removeprefix('backbone.')}")]
-    if len(suffix_matches) == 1 and isinstance(suffix_matches[0], _WEIGHT_LAYERS):
-        return suffix_matches[0]
+    suffix_matches = {n: m for n, m in modules.items() if n.endswith(f".{name.removeprefix('backbone.')}")}
+    if len(suffix_matches) == 1 and isinstance(next(iter(suffix_matches.values())), _WEIGHT_LAYERS):
+        return next(iter(suffix_matches.values()))
+    if len(suffix_matches) > 1:
+        raise ValueError(f"layer name {name!r} is ambiguous: it ends {', '.join(suffix_matches)}; give the full name")
     raise ValueError(f"no layer named {name!r}; valid names: {', '.join(weight_layer_names(model))}")
 
 
