@@ -139,7 +139,19 @@ def load_classifier(checkpoint: str | Path, backbone: nn.Module | None = None) -
                 f"checkpoint {checkpoint} does not record its backbone (it was not written by the CLI); "
                 "pass backbone= to load_classifier"
             ) from None
-        raise ValueError(f"checkpoint {checkpoint} does not load as an ImageClassifier: {err}") from None
+        raise ValueError(f"checkpoint {checkpoint} does not load as an ImageClassifier: {_first_line(err)}") from None
     except Exception as err:  # noqa: BLE001  (any unreadable file ends in the same one-line message)
-        raise ValueError(f"checkpoint {checkpoint} does not load: {type(err).__name__}: {err}") from None
+        raise ValueError(f"checkpoint {checkpoint} does not load: {type(err).__name__}: {_first_line(err)}") from None
     return model.eval()
+
+
+def _first_line(err: BaseException) -> str:
+    """The first informative line of an error (torch's unpickling and state-dict errors run over many lines)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if lines[0].startswith("Weights only load failed"):
+        return "not a PyTorch checkpoint (it does not unpickle)"
+    if lines[0].startswith("Error(s) in loading state_dict") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]

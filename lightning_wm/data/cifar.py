@@ -46,10 +46,18 @@ class CIFAR10DataModule(SplitDataModule):
         def read(paths: list[Path]) -> tuple[Tensor, Tensor]:
             data, labels = [], []
             for path in paths:
-                with open(path, "rb") as f:
-                    batch = pickle.load(f, encoding="latin1")
-                data.append(np.asarray(batch["data"], dtype=np.uint8))
-                labels.extend(batch["labels"])
+                try:
+                    with open(path, "rb") as f:
+                        batch = pickle.load(f, encoding="latin1")
+                    data.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3 * 32 * 32))
+                    labels.extend(batch["labels"])
+                    if len(labels) != sum(len(d) for d in data):
+                        raise ValueError("as many labels as images")
+                except Exception as err:  # noqa: BLE001  (any unreadable batch file ends in the same message)
+                    raise DatasetNotFoundError(
+                        f"{path} is corrupt ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                        f"delete {self.batch_dir} and download CIFAR-10 again"
+                    ) from None
             images = torch.from_numpy(np.concatenate(data)).view(-1, 3, 32, 32).float() / 255.0
             return images, torch.tensor(labels, dtype=torch.long)
 

@@ -68,8 +68,12 @@ class MNISTDataModule(SplitDataModule):
                     if (folder / name).is_file():
                         shutil.copyfile(folder / name, self.raw_dir / name)
                     else:
-                        with gzip.open(folder / f"{name}.gz", "rb") as src, open(self.raw_dir / name, "wb") as dst:
-                            shutil.copyfileobj(src, dst)
+                        try:
+                            with gzip.open(folder / f"{name}.gz", "rb") as src, open(self.raw_dir / name, "wb") as dst:
+                                shutil.copyfileobj(src, dst)
+                        except (OSError, EOFError) as err:
+                            (self.raw_dir / name).unlink(missing_ok=True)
+                            raise DatasetNotFoundError(f"{folder / name}.gz is corrupt: {err}") from None
                 return True
         return False
 

@@ -94,3 +94,18 @@ def query_probs(suspect: Suspect, x: Tensor) -> tuple[Tensor, int]:
     before = box.queries
     out = box(x)
     return out, box.queries - before
+
+
+def check_outputs(probs: Tensor, expected: int, scheme: str) -> None:
+    """Refuse a suspect whose output distributions do not have the ``expected`` classes of the key's model.
+
+    Raises:
+        ValueError: a one-line message giving both numbers.
+    """
+    outputs = probs.shape[-1] if probs.dim() == 2 else None
+    if outputs != expected:
+        got = f"{outputs} outputs per query" if outputs is not None else f"outputs of shape {tuple(probs.shape)}"
+        raise ValueError(
+            f"the suspect returns {got}, the {scheme} key is for models with {expected} outputs: "
+            "query the suspect's class probabilities over the same classes"
+        )

@@ -103,7 +103,12 @@ def load_key(path: str | Path, scheme: str | None = None) -> WatermarkKey:
         )
     if hashlib.sha256(payload).hexdigest().encode() != parts[2]:
         raise KeyFileError(f"{path} is corrupt: its SHA-256 does not match (the file was edited or truncated)")
-    content = torch.load(io.BytesIO(payload), weights_only=True)
+    try:
+        content = torch.load(io.BytesIO(payload), weights_only=True)
+    except Exception as err:  # noqa: BLE001  (a payload that matches its digest yet does not load)
+        raise KeyFileError(f"{path} is corrupt: its payload does not load ({type(err).__name__})") from None
+    if not isinstance(content, dict) or not {"scheme", "config", "tensors"} <= set(content):
+        raise KeyFileError(f"{path} is corrupt: its payload lacks the scheme, config and tensors of a key")
     name = content["scheme"]
     if scheme is not None and name != scheme:
         raise KeyFileError(f"{path} holds a key of scheme {name!r}, expected {scheme!r}")

@@ -125,6 +125,21 @@ class WatermarkScheme(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resumed_fingerprint = state_dict.get("fingerprint")
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Find the key the checkpoint was trained with even when ``key_path`` (part of :attr:`state_key`) changed.
+
+        Lightning hands a callback only the state saved under its own ``state_key``; a run resumed with another
+        ``key_path`` would otherwise continue silently with another key. When the checkpoint holds no state for
+        this ``state_key`` but exactly one of this scheme's class, its fingerprint is the one to check against.
+        """
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        prefix = f"{type(self).__qualname__}{{"
+        same_scheme = [state for key, state in states.items() if isinstance(key, str) and key.startswith(prefix)]
+        if len(same_scheme) == 1 and isinstance(same_scheme[0], dict):
+            self._resumed_fingerprint = same_scheme[0].get("fingerprint")
+
 
 def weight_layer_names(model: nn.Module) -> list[str]:
     """Names (as in ``named_modules()``) of the conv and linear layers of ``model``."""

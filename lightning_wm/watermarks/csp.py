@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import Tensor, nn
 
-from lightning_wm.verify.blackbox import Suspect, query_probs
+from lightning_wm.verify.blackbox import Suspect, check_outputs, query_probs
 from lightning_wm.verify.keys import WatermarkKey
 from lightning_wm.verify.verdict import Verdict
 from lightning_wm.watermarks.base import WatermarkScheme
@@ -174,6 +174,7 @@ class CSPKey(WatermarkKey):
         """
         x = self.tensors["queries"] if inputs is None else inputs
         probs, queries = query_probs(suspect, x)
+        check_outputs(probs, int(self.config["num_classes"]), "CSP")
         names = self.customers if customer is None else [self.customers[self.index(customer)]]
         results: dict[str, dict[str, float]] = {}
         for name in names:

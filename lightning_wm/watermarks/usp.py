@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_wm.verify.blackbox import Suspect, query_probs
+from lightning_wm.verify.blackbox import Suspect, check_outputs, query_probs
 from lightning_wm.verify.keys import WatermarkKey
 from lightning_wm.verify.stats import binomial_p_value, binomial_threshold
 from lightning_wm.verify.verdict import Verdict
@@ -92,6 +92,7 @@ class USPKey(WatermarkKey):
         """Query ``suspect`` and test whether the detector flags its outputs more often than clean ones."""
         x = self.tensors["queries"] if inputs is None else inputs
         probs, queries = query_probs(suspect, x)
+        check_outputs(probs, int(self.config["num_classes"]), "USP")
         flagged = self.flags(probs)
         hits, total = int(flagged.sum()), len(flagged)
         null_rate = float(self.config["null_rate"])
