@@ -12,9 +12,11 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_wm.benchmark.matrix import AttackFactory
 from lightning_wm.data.base import DatasetNotFoundError
 from lightning_wm.verify.keys import KeyFileError, load_key
 from lightning_wm.verify.verdict import Verdict
+from lightning_wm.watermarks.base import WatermarkScheme
 
 
 class WatermarkTrainer(L.Trainer):
@@ -48,15 +50,95 @@ class WatermarkTrainer(L.Trainer):
             print(json.dumps(verdict.as_dict(), default=str))
         return verdict
 
+    benchmark_seed: int = 0
+    benchmark_trainer_kwargs: dict[str, Any] = {}
+    """The ``trainer:`` options of the config, which the benchmark gives every Trainer it builds."""
+
     def benchmark(
         self,
         model: L.LightningModule,
-        datamodule: L.LightningDataModule | None = None,
-    ) -> None:
-        """Run the scheme × attack matrix (embed, attack, verify) and print the table."""
-        raise SystemExit(
-            "lightning-wm benchmark: no scheme configured yet; see configs/benchmark/ once the schemes have landed"
+        datamodule: L.LightningDataModule,
+        schemes: dict[str, WatermarkScheme],
+        attacks: dict[str, AttackFactory] | None = None,
+        scheme_models: dict[str, L.LightningModule] | None = None,
+        embed_epochs: int = 10,
+        attack_epochs: int | dict[str, int] = 3,
+        null_models: int = 3,
+        alpha: float = 0.01,
+        accuracy_budget: float = 5.0,
+        output_dir: str = "outputs/benchmark",
+        overhead: bool = False,
+        overhead_epochs: int = 3,
+        overhead_repeats: int = 3,
+    ) -> list[dict[str, Any]]:
+        """Run the scheme × attack matrix (embed, attack, verify), or with ``overhead`` the throughput comparison;
+        print the table and write it (CSV, Markdown, heatmap PNG) under ``output_dir``.
+
+        Args:
+            model: the model to watermark (copied for every run).
+            datamodule: the owner's data; attacks use its attacker split.
+            schemes: name → watermark scheme.
+            attacks: name → attack (``class_path``/``init_args`` without the victim).
+            scheme_models: name → a model replacing ``model`` for that scheme (new label: K+1 outputs).
+            embed_epochs: epochs of embedding and of each unmarked model.
+            attack_epochs: epochs of every attack, or name → epochs (0: no training, e.g. pruning alone).
+            null_models: unmarked models per architecture (accuracy baseline, false positives, empirical null).
+            alpha: significance level of the verdicts.
+            accuracy_budget: accuracy points an attacker accepts to lose.
+            output_dir: cache of finished cells and the reports.
+            overhead: measure training throughput with each scheme against plain training instead.
+            overhead_epochs: epochs of each overhead run (the first is warm-up).
+            overhead_repeats: round-robin repeats of the overhead runs.
+        """
+        from lightning_wm.benchmark import Benchmark, measure_overhead, overhead_table
+        from lightning_wm.benchmark.report import markdown_table, write_reports
+
+        if overhead:
+            rows = measure_overhead(
+                model,
+                datamodule,
+                schemes,
+                scheme_models=scheme_models,
+                epochs=overhead_epochs,
+                repeats=overhead_repeats,
+                trainer_kwargs=self.benchmark_trainer_kwargs,
+            )
+            table = overhead_table(rows)
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "overhead.md").write_text(table + "\n")
+            if self.is_global_zero:
+                print(table)
+            return rows
+        bench = Benchmark(
+            model,
+            datamodule,
+            schemes,
+            attacks or {},
+            scheme_models=scheme_models,
+            embed_epochs=embed_epochs,
+            attack_epochs=attack_epochs,
+            null_models=null_models,
+            alpha=alpha,
+            accuracy_budget=accuracy_budget,
+            output_dir=output_dir,
+            seed=self.benchmark_seed,
+            trainer_kwargs=self.benchmark_trainer_kwargs,
+            progress=bool(self.benchmark_trainer_kwargs.get("enable_progress_bar", True)),
         )
+        rows = bench.run()
+        summary = {
+            "schemes": sorted(schemes),
+            "attacks": sorted(attacks or {}),
+            "key_fingerprints": {r["scheme"]: r["key_fingerprint"] for r in rows},
+            "embed_epochs": embed_epochs,
+            "alpha": alpha,
+            "accuracy_budget": accuracy_budget,
+        }
+        paths = write_reports(rows, output_dir, logger=self.logger, summary=summary)
+        if self.is_global_zero:
+            print(markdown_table(rows))
+            print(f"written: {', '.join(str(p) for p in paths.values())}")
+        return rows
 
 
 def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> None:
@@ -66,7 +148,7 @@ def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> None:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        state = checkpoint["state_dict"] if "state_dict" in checkpoint else checkpoint
+        state = checkpoint.get("state_dict", checkpoint)
         model.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -87,6 +169,12 @@ class WatermarkCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, **kwargs)
+
+    def before_benchmark(self) -> None:
+        options = self.config[self.subcommand].get("trainer")
+        self.trainer.benchmark_trainer_kwargs = dict(options.as_dict() if options is not None else {})
+        seed = self.config[self.subcommand].get("seed_everything")
+        self.trainer.benchmark_seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

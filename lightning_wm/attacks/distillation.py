@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 import torch
@@ -11,6 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_wm.attacks.base import RemovalAttack, Victim, last_linear, load_victim
+from lightning_wm.models.reinit import reinitialised_copy
 
 ApiOutput = Literal["probs", "labels"]
 
@@ -49,7 +51,9 @@ class DistillationAttack(RemovalAttack):
 
     Args:
         victim: a ``lightning-wm fit`` checkpoint path, an ``ImageClassifier`` or a backbone.
-        student: the network to train, any architecture with as many outputs as the victim.
+        student: the network to train, any architecture with as many outputs as the victim; a copy is trained
+            (``attack.model``), so one student configuration serves many attacks. ``None``: the victim's own
+            architecture, re-initialised (the attacker knows the architecture, not the weights).
         temperature: T of the served probabilities and of the student's softmax.
         output: ``probs`` (soft labels) or ``labels`` (top-1 only).
         alpha: weight of the distillation term; ``1 - alpha`` goes to the true-label cross-entropy.
@@ -64,7 +68,7 @@ class DistillationAttack(RemovalAttack):
     def __init__(
         self,
         victim: Victim,
-        student: nn.Module,
+        student: nn.Module | None = None,
         temperature: float = 3.0,
         output: ApiOutput = "probs",
         alpha: float = 1.0,
@@ -81,6 +85,8 @@ class DistillationAttack(RemovalAttack):
         if query_budget is not None and query_budget < 1:
             raise ValueError(f"query_budget must be positive, got {query_budget}")
         teacher = load_victim(victim)
+        if student is None:
+            student = reinitialised_copy(teacher)
         _check_outputs(student, teacher)
         super().__init__(optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["victim", "student", "optimizer", "lr_scheduler"])
@@ -88,7 +94,7 @@ class DistillationAttack(RemovalAttack):
         self.output = output
         self.alpha = alpha
         self.query_budget = query_budget
-        self.model = student
+        self.model = copy.deepcopy(student)
         self.black_box(teacher, output=output, temperature=temperature)
 
     def setup(self, stage: str) -> None:

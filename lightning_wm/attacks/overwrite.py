@@ -28,7 +28,9 @@ class OverwriteAttack(WatermarkMixin, RemovalAttack):
 
     Args:
         victim: a ``lightning-wm fit`` checkpoint path, an ``ImageClassifier`` or a backbone.
-        scheme: the attacker's watermark scheme (same scheme as the owner's, the attacker's key).
+        scheme: the attacker's watermark scheme (same scheme as the owner's, the attacker's key). ``None`` leaves
+            it to be set before ``fit`` with :meth:`set_scheme`, as the benchmark does with a copy of the victim's
+            scheme under a fresh key.
         optimizer: optimizer factory.
         lr_scheduler: optional scheduler factory.
     """
@@ -36,15 +38,21 @@ class OverwriteAttack(WatermarkMixin, RemovalAttack):
     def __init__(
         self,
         victim: Victim,
-        scheme: WatermarkScheme,
+        scheme: WatermarkScheme | None = None,
         optimizer: OptimizerCallable = torch.optim.SGD,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        if not isinstance(scheme, WatermarkScheme):
-            raise TypeError(f"scheme must be a WatermarkScheme, got {type(scheme).__name__}")
         super().__init__(optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=["victim", "scheme", "optimizer", "lr_scheduler"])
         self.model = copy_victim(victim)
+        self.scheme: WatermarkScheme | None = None
+        if scheme is not None:
+            self.set_scheme(scheme)
+
+    def set_scheme(self, scheme: WatermarkScheme) -> None:
+        """Set the attacker's watermark scheme."""
+        if not isinstance(scheme, WatermarkScheme):
+            raise TypeError(f"scheme must be a WatermarkScheme, got {type(scheme).__name__}")
         self.scheme = scheme
 
     @property
@@ -56,6 +64,8 @@ class OverwriteAttack(WatermarkMixin, RemovalAttack):
         return [cb for cb in trainer.callbacks if cb is self.scheme]
 
     def configure_callbacks(self) -> list[Callback]:
+        if self.scheme is None:
+            raise ValueError("OverwriteAttack has no scheme: set scheme (the attacker's watermark) before fit")
         return [self.scheme]
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:

@@ -19,7 +19,6 @@ student uses; the detector loss is back-propagated into f_θ (the re-implementat
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 import secrets
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_wm.models.reinit import reinitialised_copy
 from lightning_wm.verify.blackbox import Suspect, check_outputs, query_probs
 from lightning_wm.verify.keys import WatermarkKey
 from lightning_wm.verify.stats import binomial_p_value, binomial_threshold
@@ -209,11 +209,10 @@ class USPWatermark(WatermarkScheme):
         if self.reference is None:
             base = getattr(pl_module, "backbone", None)
             if base is None:
-                raise ValueError("reference=None trains a copy of pl_module.backbone; give a reference otherwise")
-            self._reference = copy.deepcopy(base)
-            for module in self._reference.modules():
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
+                base = getattr(pl_module, "model", None)
+            if base is None:
+                raise ValueError("reference=None trains a copy of pl_module.backbone (or .model); give a reference")
+            self._reference = reinitialised_copy(base)
             self._train_reference = True
         elif isinstance(self.reference, nn.Module):
             self._reference = self.reference

@@ -1,0 +1,314 @@
+"""The robustness matrix: every scheme × every removal attack, embedded, attacked and verified.
+
+For each scheme the benchmark embeds the watermark in a copy of the configured model, trains unmarked models of
+the same architecture (the first from the same initialisation: the accuracy baseline; the others from other seeds:
+the false-positive check and the empirical null), then runs each attack on a copy of the marked model on the
+attacker's split and verifies the result with the owner's key. A cell is cached on disk under the hash of
+everything that determines it (model, data, scheme, attack, epochs, seed), so a rerun skips finished cells, an
+interrupted run resumes, and a changed option reruns only the cells it touches.
+
+An attack *removes* a watermark when the attacked model is no longer declared watermarked at ``alpha`` while its
+test accuracy stays within ``accuracy_budget`` points of the marked model's (Lukas et al. 2022's criterion).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from tqdm.auto import tqdm
+
+from lightning_wm.attacks.base import RemovalAttack
+from lightning_wm.attacks.overwrite import OverwriteAttack
+from lightning_wm.benchmark.cache import CellCache, cell_id, describe
+from lightning_wm.data.base import DatasetNotFoundError
+from lightning_wm.models.reinit import reinitialised_copy
+from lightning_wm.verify.keys import WatermarkKey, load_key
+from lightning_wm.verify.stats import empirical_p_value
+from lightning_wm.watermarks.base import WatermarkScheme
+
+AttackFactory = Callable[[nn.Module], RemovalAttack]
+"""An attack with every option but the victim: ``class_path``/``init_args`` in a config, a ``partial`` in Python."""
+
+LOWER_IS_WATERMARKED = ("ber", "bit_error_rate")
+"""Statistics that fall when a watermark is present; every other statistic rises."""
+
+NOT_APPLICABLE = (ValueError, TypeError, DatasetNotFoundError)
+
+TRAINER_OPTIONS = (
+    "accelerator",
+    "devices",
+    "strategy",
+    "num_nodes",
+    "precision",
+    "accumulate_grad_batches",
+    "gradient_clip_val",
+    "deterministic",
+    "limit_train_batches",
+    "limit_val_batches",
+    "limit_test_batches",
+)
+
+
+def quiet_trainer(
+    trainer_kwargs: dict[str, Any], max_epochs: int, callbacks: list[L.Callback] | None = None, **overrides: Any
+) -> L.Trainer:
+    """A Trainer with the hardware options of ``trainer_kwargs`` and no logger, checkpoint or progress bar."""
+    options = {k: v for k, v in trainer_kwargs.items() if k in TRAINER_OPTIONS}
+    options.update(
+        max_epochs=max_epochs,
+        callbacks=callbacks or [],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    options.update(overrides)
+    return L.Trainer(**options)
+
+
+class Benchmark:
+    """Embed, attack and verify: the scheme × attack matrix of one model and dataset.
+
+    Args:
+        model: the LightningModule to watermark (e.g. an ``ImageClassifier``); copied for every run.
+        datamodule: the owner's data; the attacks train on its ``attacker`` split (a copy with
+            ``train_split="attacker"``).
+        schemes: name → watermark scheme (a ``WatermarkScheme`` callback).
+        attacks: name → attack factory (every option but the victim).
+        scheme_models: name → a model that replaces ``model`` for that scheme (the new-label scheme needs K+1
+            outputs).
+        embed_epochs: epochs of embedding (and of each unmarked model).
+        attack_epochs: epochs of each attack (one number, or name → number; 0 runs no training: pruning alone).
+        null_models: unmarked models per architecture (≥ 1; the first shares the marked model's initialisation).
+        alpha: significance level of the verdicts.
+        accuracy_budget: accuracy points an attacker accepts to lose.
+        output_dir: cache, tables and plot.
+        seed: seed of the marked model and of the first unmarked one.
+        trainer_kwargs: options of every Trainer the benchmark builds (accelerator, devices, precision...).
+        progress: show a progress bar over the cells.
+    """
+
+    def __init__(
+        self,
+        model: L.LightningModule,
+        datamodule: L.LightningDataModule,
+        schemes: dict[str, WatermarkScheme],
+        attacks: dict[str, AttackFactory],
+        scheme_models: dict[str, L.LightningModule] | None = None,
+        embed_epochs: int = 10,
+        attack_epochs: int | dict[str, int] = 3,
+        null_models: int = 3,
+        alpha: float = 0.01,
+        accuracy_budget: float = 5.0,
+        output_dir: str | Path = "outputs/benchmark",
+        seed: int = 0,
+        trainer_kwargs: dict[str, Any] | None = None,
+        progress: bool = True,
+    ) -> None:
+        if null_models < 1:
+            raise ValueError(f"null_models must be at least 1 (the accuracy baseline), got {null_models}")
+        unknown = set(scheme_models or {}) - set(schemes)
+        if unknown:
+            raise ValueError(f"scheme_models names {sorted(unknown)} that are not schemes: {sorted(schemes)}")
+        if not hasattr(datamodule, "train_split"):
+            raise TypeError(f"{type(datamodule).__name__} has no train_split: the attacks need an attacker split")
+        self.model = model
+        self.datamodule = datamodule
+        self.attacker_datamodule = copy.copy(datamodule)
+        self.attacker_datamodule.train_split = "attacker"
+        self.schemes = schemes
+        self.attacks = attacks
+        self.scheme_models = scheme_models or {}
+        self.embed_epochs = embed_epochs
+        self.attack_epochs = attack_epochs
+        self.null_models = null_models
+        self.alpha = alpha
+        self.accuracy_budget = accuracy_budget
+        self.output_dir = Path(output_dir)
+        self.seed = seed
+        self.trainer_kwargs = dict(trainer_kwargs or {})
+        self.progress = progress
+        self.cache = CellCache(self.output_dir)
+        self.rows: list[dict[str, Any]] = []
+        self._data_id = describe(datamodule)
+
+    def epochs_of(self, attack: str) -> int:
+        if isinstance(self.attack_epochs, int):
+            return self.attack_epochs
+        return int(self.attack_epochs.get(attack, 1))
+
+    def trainer(self, max_epochs: int, callbacks: list[L.Callback] | None = None) -> L.Trainer:
+        return quiet_trainer(self.trainer_kwargs, max_epochs, callbacks)
+
+    def test_accuracy(self, module: L.LightningModule) -> float:
+        (metrics,) = self.trainer(1).test(module, datamodule=self.datamodule, verbose=False)
+        return float(metrics["test/acc"])
+
+    def total_cells(self) -> int:
+        return len(self.schemes) * (1 + self.null_models + len(self.attacks))
+
+    def run(self) -> list[dict[str, Any]]:
+        """Run (or load from the cache) every cell; return one row per scheme × (no attack + each attack)."""
+        started = time.perf_counter()
+        self.rows = []
+        bar = tqdm(total=self.total_cells(), desc="benchmark", unit="cell", disable=not self.progress, leave=True)
+        for scheme_name, scheme in self.schemes.items():
+            template = self.scheme_models.get(scheme_name, self.model)
+            nulls = [self.null_model(template, i, bar) for i in range(self.null_models)]
+            marked, key, embed = self.embed(scheme_name, scheme, template, bar)
+            null_verdicts = [key.verify(null.eval(), alpha=self.alpha) for null, _ in nulls]
+            null_stats = [v.statistic for v in null_verdicts]
+            false_positives = sum(v.is_watermarked for v in null_verdicts)
+            higher = embed["statistic_name"].lower() not in LOWER_IS_WATERMARKED
+            context = {
+                "scheme": scheme_name,
+                "baseline_acc": nulls[0][1],
+                "acc_before": embed["acc"],
+                "false_positives": f"{false_positives}/{len(nulls)}",
+                "key_fingerprint": key.fingerprint()[:12],
+            }
+            self.rows.append(
+                {**context, **self._verdict_row("none", embed["acc"], embed, null_stats, higher), "attack_time": 0.0}
+            )
+            for attack_name, factory in self.attacks.items():
+                bar.set_postfix_str(f"{scheme_name} × {attack_name}")
+                row = self.attack(embed["cell"], attack_name, factory, marked, key, scheme)
+                self.rows.append({**context, **self._verdict_row(attack_name, embed["acc"], row, null_stats, higher)})
+                bar.update()
+        bar.close()
+        rank_zero_info(f"benchmark: {len(self.rows)} rows in {time.perf_counter() - started:.0f} s")
+        return self.rows
+
+    def null_model(self, template: L.LightningModule, index: int, bar: tqdm) -> tuple[L.LightningModule, float]:
+        """The ``index``-th unmarked model of ``template``'s architecture and its test accuracy (cached)."""
+        cell = cell_id("null", template, self._data_id, self.embed_epochs, self.seed + index, self.trainer_kwargs)
+        bar.set_postfix_str(f"unmarked model {index + 1}/{self.null_models}")
+        model = self.cache.load_model(cell, template)
+        row = self.cache.load_row(cell)
+        if model is None or row is None:
+            torch.manual_seed(self.seed + index)
+            model = reinitialised_copy(template) if index else copy.deepcopy(template)
+            L.seed_everything(self.seed + index, verbose=False)
+            self.trainer(self.embed_epochs).fit(model, datamodule=self.datamodule)
+            row = {"acc": self.test_accuracy(model)}
+            self.cache.save_model(cell, model)
+            self.cache.save_row(cell, row)
+        bar.update()
+        return model.eval(), float(row["acc"])
+
+    def embed(
+        self, name: str, scheme: WatermarkScheme, template: L.LightningModule, bar: tqdm
+    ) -> tuple[L.LightningModule, WatermarkKey, dict[str, Any]]:
+        """Train ``template`` with ``scheme``; return the marked model, its key and its row (cached)."""
+        unkeyed = copy.copy(scheme)
+        unkeyed.key_path = None
+        cell = cell_id("embed", template, self._data_id, unkeyed, self.embed_epochs, self.seed, self.trainer_kwargs)
+        bar.set_postfix_str(f"{name}: embedding")
+        model = self.cache.load_model(cell, template)
+        row = self.cache.load_row(cell)
+        key_file = self.cache.key_path(cell)
+        if model is None or row is None or not key_file.is_file():
+            scheme = copy.deepcopy(scheme)
+            scheme.key_path = str(key_file)
+            key_file.unlink(missing_ok=True)
+            model = copy.deepcopy(template)
+            L.seed_everything(self.seed, verbose=False)
+            began = time.perf_counter()
+            self.trainer(self.embed_epochs, callbacks=[scheme]).fit(model, datamodule=self.datamodule)
+            verdict = scheme.key.verify(model.eval(), alpha=self.alpha)
+            row = {
+                "acc": self.test_accuracy(model),
+                **_verdict_fields(verdict),
+                "embed_time": time.perf_counter() - began,
+            }
+            self.cache.save_model(cell, model)
+            self.cache.save_row(cell, row)
+        bar.update()
+        return model.eval(), load_key(key_file), {**row, "cell": cell}
+
+    def attack(
+        self,
+        embed_cell: str,
+        name: str,
+        factory: AttackFactory,
+        marked: L.LightningModule,
+        key: WatermarkKey,
+        scheme: WatermarkScheme,
+    ) -> dict[str, Any]:
+        """Run one attack on a copy of the marked model and verify it with the owner's key (cached)."""
+        epochs = self.epochs_of(name)
+        cell = cell_id("attack", embed_cell, factory, epochs, self.seed, self.trainer_kwargs)
+        row = self.cache.load_row(cell)
+        if row is not None:
+            return row
+        began = time.perf_counter()
+        try:
+            L.seed_everything(self.seed, verbose=False)
+            attack = factory(marked)
+            if isinstance(attack, OverwriteAttack) and attack.scheme is None:
+                attacker_scheme = copy.deepcopy(scheme)
+                attacker_scheme.key_path = None
+                attacker_scheme.seed = None if scheme.seed is None else scheme.seed + 7919
+                attack.set_scheme(attacker_scheme)
+            if epochs > 0:
+                self.trainer(epochs).fit(attack, datamodule=self.attacker_datamodule)
+            acc = self.test_accuracy(attack)
+            verdict = key.verify(attack.eval(), alpha=self.alpha)
+            row = {
+                "acc": acc,
+                **_verdict_fields(verdict),
+                "queries": int(attack.queries) + int(verdict.queries or 0),
+            }
+        except NOT_APPLICABLE as err:
+            row = {"acc": math.nan, "status": "n/a", "reason": _first_line(err)}
+        row["attack_time"] = time.perf_counter() - began
+        self.cache.save_row(cell, row)
+        return row
+
+    def _verdict_row(
+        self, attack: str, acc_before: float, row: dict[str, Any], null_stats: list[float], higher: bool
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {"attack": attack, "acc_after": row.get("acc", math.nan)}
+        if row.get("status") == "n/a":
+            return {**out, "status": "n/a", "reason": row.get("reason", "")}
+        drop = 100.0 * (acc_before - row["acc"])
+        watermarked = bool(row["is_watermarked"])
+        within_budget = drop <= self.accuracy_budget
+        status = "kept" if watermarked else ("removed" if within_budget else "removed, over budget")
+        return {
+            **out,
+            "acc_drop": drop,
+            "statistic_name": row["statistic_name"],
+            "statistic": row["statistic"],
+            "p_value": row["p_value"],
+            "empirical_p": empirical_p_value(row["statistic"], null_stats, higher_is_watermarked=higher),
+            "watermarked": watermarked,
+            "status": status,
+            "queries": row.get("queries", row.get("verify_queries", 0)),
+            "attack_time": row.get("attack_time", 0.0),
+        }
+
+
+def _verdict_fields(verdict: Any) -> dict[str, Any]:
+    return {
+        "statistic_name": verdict.statistic_name,
+        "statistic": float(verdict.statistic),
+        "p_value": float(verdict.p_value),
+        "is_watermarked": bool(verdict.is_watermarked),
+        "verify_queries": int(verdict.queries or 0),
+    }
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,100 @@
+"""Training-throughput overhead of each scheme against plain training, measured side by side in one process.
+
+Every configuration (plain, then each scheme) is trained in turn, ``repeats`` times round-robin so that drifts of
+a shared machine spread over all of them; the first epoch of every run (key generation, warm-up) is left out of
+the throughput, and validation is off. The result is reported as ratios to plain training, never as absolute
+times to compare across machines.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from lightning_wm.benchmark.matrix import quiet_trainer
+from lightning_wm.watermarks.base import WatermarkScheme
+
+
+class EpochTimer(Callback):
+    """Wall time of each training epoch and the number of task samples it saw."""
+
+    def __init__(self) -> None:
+        self.epochs: list[tuple[float, int]] = []
+        self._began = 0.0
+        self._samples = 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._began = time.perf_counter()
+        self._samples = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        self._samples += len(batch[0])
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epochs.append((time.perf_counter() - self._began, self._samples))
+
+
+def measure_overhead(
+    model: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    schemes: dict[str, WatermarkScheme],
+    scheme_models: dict[str, L.LightningModule] | None = None,
+    epochs: int = 3,
+    repeats: int = 3,
+    trainer_kwargs: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Samples per second of plain training and of training with each scheme, and their ratio.
+
+    Returns:
+        One row per configuration: ``scheme``, ``samples_per_s`` (median over repeats), ``slowdown``
+        (plain throughput / this one: 1.0 is free) and ``extra_setup_s`` (median time spent outside the training
+        epochs, minus plain training's: key generation and the scheme's preparation).
+    """
+    if epochs < 2:
+        raise ValueError("epochs must be at least 2: the first epoch is warm-up")
+    runs: dict[str, list[tuple[float, float]]] = {"plain": [], **{name: [] for name in schemes}}
+    scheme_models = scheme_models or {}
+    for _ in range(repeats):
+        for name in runs:
+            template = scheme_models.get(name, model)
+            timer = EpochTimer()
+            callbacks: list[Callback] = [timer]
+            if name != "plain":
+                scheme = copy.deepcopy(schemes[name])
+                scheme.key_path = None
+                callbacks.insert(0, scheme)
+            trainer = quiet_trainer(trainer_kwargs or {}, epochs, callbacks, limit_val_batches=0)
+            began = time.perf_counter()
+            trainer.fit(copy.deepcopy(template), datamodule=datamodule)
+            outside_epochs = time.perf_counter() - began - sum(t for t, _ in timer.epochs)
+            steady = timer.epochs[1:]
+            throughput = sum(n for _, n in steady) / sum(t for t, _ in steady)
+            runs[name].append((throughput, outside_epochs))
+    plain = statistics.median(t for t, _ in runs["plain"])
+    plain_setup = statistics.median(s for _, s in runs["plain"])
+    rows = []
+    for name, measured in runs.items():
+        throughput = statistics.median(t for t, _ in measured)
+        rows.append(
+            {
+                "scheme": name,
+                "samples_per_s": throughput,
+                "slowdown": plain / throughput,
+                "extra_setup_s": statistics.median(s for _, s in measured) - plain_setup,
+            }
+        )
+    return rows
+
+
+def overhead_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| scheme | samples/s | slowdown vs plain | extra set-up time (s) |", "|---|---|---|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row['scheme']} | {row['samples_per_s']:.0f} | {row['slowdown']:.2f}× | {row['extra_setup_s']:+.2f} |"
+        )
+    return "\n".join(lines)

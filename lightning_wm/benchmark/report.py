@@ -1,0 +1,154 @@
+"""The benchmark's outputs: CSV, Markdown table, heatmap PNG, and the same table and plot in W&B."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+COLUMNS = (
+    "scheme",
+    "attack",
+    "status",
+    "baseline_acc",
+    "acc_before",
+    "acc_after",
+    "acc_drop",
+    "statistic_name",
+    "statistic",
+    "p_value",
+    "empirical_p",
+    "watermarked",
+    "false_positives",
+    "queries",
+    "attack_time",
+    "key_fingerprint",
+    "reason",
+)
+
+STATUS_COLOURS = {"kept": "#2e7d32", "removed": "#c62828", "removed, over budget": "#f9a825", "n/a": "#bdbdbd"}
+"""Green: the watermark survives; red: removed within the accuracy budget; amber: removed at too high an
+accuracy cost; grey: the attack does not apply."""
+
+
+def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """One line per scheme × attack: accuracy before/after (%), the statistic, the p-value, the outcome."""
+    header = "| scheme | attack | test acc % (before → after) | statistic | p-value | outcome | FP (clean) |"
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        before = 100 * row["acc_before"]
+        after = row.get("acc_after", math.nan)
+        accuracy = f"{before:.1f} → {100 * after:.1f}" if not math.isnan(after) else f"{before:.1f} → –"
+        statistic = "–"
+        if "statistic" in row:
+            statistic = f"{row['statistic_name']} {row['statistic']:.3f}"
+        outcome = row["status"] if row["status"] != "n/a" else f"n/a ({row.get('reason', '')[:60]})"
+        lines.append(
+            f"| {row['scheme']} | {row['attack']} | {accuracy} | {statistic} | {_fmt(row.get('p_value'), 2)} | "
+            f"{outcome} | {row['false_positives']} |"
+        )
+    return "\n".join(lines)
+
+
+def heatmap(rows: list[dict[str, Any]], path: str | Path, title: str = "watermark robustness") -> Path:
+    """Schemes × attacks, coloured by outcome (see ``STATUS_COLOURS``), annotated with the accuracy drop."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
+    from matplotlib.patches import Patch
+
+    schemes = list(dict.fromkeys(r["scheme"] for r in rows))
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    cells = {(r["scheme"], r["attack"]): r for r in rows}
+    image = [
+        [to_rgb(STATUS_COLOURS.get(cells.get((s, a), {}).get("status", "n/a"), "#ffffff")) for a in attacks]
+        for s in schemes
+    ]
+    fig, ax = plt.subplots(figsize=(1.3 * len(attacks) + 2, 0.6 * len(schemes) + 1.8))
+    ax.imshow(image, aspect="auto")
+    for i, scheme in enumerate(schemes):
+        for j, attack in enumerate(attacks):
+            row = cells.get((scheme, attack), {})
+            if row.get("status") in (None, "n/a"):
+                text = "n/a"
+            else:
+                text = f"p={row['p_value']:.0e}\n{-row['acc_drop']:+.1f} pt"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if row else "black")
+    ax.set_xticks(range(len(attacks)), attacks, rotation=30, ha="right")
+    ax.set_yticks(range(len(schemes)), schemes)
+    ax.set_title(title)
+    ax.legend(
+        handles=[Patch(color=c, label=s) for s, c in STATUS_COLOURS.items()],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.25),
+        ncol=4,
+        fontsize=7,
+        frameon=False,
+    )
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def log_to_wandb(logger: Any, rows: list[dict[str, Any]], image: Path, summary: dict[str, Any]) -> None:
+    """Log the table (a ``wandb.Table``), the heatmap and the run's summary (key fingerprints, never keys)."""
+    import wandb
+
+    table = wandb.Table(columns=list(COLUMNS), data=[[_wandb_value(r.get(c)) for c in COLUMNS] for r in rows])
+    logger.log_hyperparams(summary)
+    logger.experiment.log({"benchmark/table": table, "benchmark/heatmap": wandb.Image(str(image))})
+
+
+def _wandb_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def write_reports(
+    rows: list[dict[str, Any]], output_dir: str | Path, logger: Any = None, summary: dict[str, Any] | None = None
+) -> dict[str, Path]:
+    """Write ``results.csv``, ``results.md`` and ``heatmap.png`` under ``output_dir``; log them to W&B when
+    ``logger`` is a ``WandbLogger`` (any other logger receives the summary as hyperparameters)."""
+    output_dir = Path(output_dir)
+    paths = {
+        "csv": write_csv(rows, output_dir / "results.csv"),
+        "markdown": output_dir / "results.md",
+        "heatmap": heatmap(rows, output_dir / "heatmap.png"),
+    }
+    paths["markdown"].write_text(markdown_table(rows) + "\n")
+    if logger is not None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        if isinstance(logger, WandbLogger):
+            log_to_wandb(logger, rows, paths["heatmap"], summary or {})
+        else:
+            logger.log_hyperparams(summary or {})
+            logger.save()
+    return paths
