@@ -1,0 +1,167 @@
+"""The benchmark: a marked model is declared and clean ones are not, attacks land in the matrix, the reports are
+written, an interrupted run resumes with the remaining cells only, a changed option reruns only what it touches,
+and the CLI logs the table and heatmap to an offline W&B run."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from lightning_wm import ImageClassifier
+from lightning_wm.attacks import FineTuneAttack, PruneAttack
+from lightning_wm.benchmark import Benchmark, markdown_table, measure_overhead
+from lightning_wm.benchmark.report import write_reports
+from lightning_wm.cli import main
+from lightning_wm.data import DigitsDataModule
+from lightning_wm.models import SmallCNN
+from lightning_wm.watermarks import ContentTrigger, TriggerSetWatermark, UchidaWatermark
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "benchmark" / "quickstart.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _benchmark(output_dir: Path, attack_epochs: dict[str, int] | None = None) -> Benchmark:
+    model = ImageClassifier(SmallCNN(width=8), num_classes=10, optimizer=partial(torch.optim.Adam, lr=3e-3))
+    return Benchmark(
+        model,
+        DigitsDataModule(batch_size=64),
+        schemes={
+            "uchida": UchidaWatermark(layer="conv3", bits=32, strength=0.05, seed=1),
+            "content": TriggerSetWatermark(ContentTrigger(target_class=0), num_keys=50, num_verify=50, seed=2),
+        },
+        attacks={
+            "prune_50": partial(PruneAttack, rate=0.5, scope="global"),
+            "fine_tune": partial(FineTuneAttack, mode="FTAL", optimizer=partial(torch.optim.Adam, lr=1e-3)),
+        },
+        embed_epochs=6,
+        attack_epochs=attack_epochs or {"prune_50": 0, "fine_tune": 1},
+        null_models=2,
+        output_dir=output_dir,
+        progress=False,
+    )
+
+
+@pytest.fixture
+def count_fits(monkeypatch):
+    calls: list[str] = []
+    original = L.Trainer.fit
+
+    def fit(self, model, *args, **kwargs):
+        calls.append(type(model).__name__)
+        return original(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "fit", fit)
+    return calls
+
+
+def test_matrix_declares_marked_models_not_clean_ones_and_writes_reports(tmp_path, count_fits):
+    rows = _benchmark(tmp_path).run()
+    assert [(r["scheme"], r["attack"]) for r in rows] == [
+        (s, a) for s in ("uchida", "content") for a in ("none", "prune_50", "fine_tune")
+    ]
+    for row in rows:
+        assert row["false_positives"] == "0/2"
+        assert 0.0 <= row["acc_after"] <= 1.0
+        assert row["status"] in ("kept", "removed", "removed, over budget")
+    unattacked = {r["scheme"]: r for r in rows if r["attack"] == "none"}
+    assert all(r["watermarked"] and r["p_value"] < 1e-6 for r in unattacked.values())
+    assert abs(unattacked["uchida"]["acc_before"] - unattacked["uchida"]["baseline_acc"]) < 0.1
+    assert count_fits.count("ImageClassifier") == 2 * 1 + 2  # two unmarked (shared architecture) + two embeddings
+    paths = write_reports(rows, tmp_path)
+    with open(paths["csv"]) as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert "| uchida | prune_50 |" in paths["markdown"].read_text()
+    assert paths["heatmap"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert markdown_table(rows).count("\n") == len(rows) + 1
+
+
+def test_an_interrupted_run_resumes_with_the_remaining_cells_only(tmp_path, count_fits, monkeypatch):
+    bench = _benchmark(tmp_path)
+    original = Benchmark.attack
+    done: list[str] = []
+
+    def interrupted(self, *args, **kwargs):
+        if len(done) == 2:
+            raise KeyboardInterrupt
+        done.append(args[1])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Benchmark, "attack", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run()
+    monkeypatch.setattr(Benchmark, "attack", original)
+    assert done == ["prune_50", "fine_tune"]  # uchida's two attacks; content was embedded, then interrupted
+    before = len(count_fits)
+    rows = _benchmark(tmp_path).run()
+    assert count_fits[before:] == ["FineTuneAttack"]  # content × fine_tune only: the rest comes from the cache
+    assert len(rows) == 6 and all("status" in r for r in rows)
+
+
+def test_a_changed_option_reruns_only_the_cells_it_touches(tmp_path, count_fits):
+    _benchmark(tmp_path).run()
+    before = len(count_fits)
+    rows = _benchmark(tmp_path).run()
+    assert count_fits[before:] == []  # everything cached
+    first = {(r["scheme"], r["attack"]): r["acc_after"] for r in rows}
+    rows = _benchmark(tmp_path, attack_epochs={"prune_50": 0, "fine_tune": 2}).run()
+    assert count_fits[before:] == ["FineTuneAttack", "FineTuneAttack"]  # one per scheme, nothing else
+    again = {(r["scheme"], r["attack"]): r["acc_after"] for r in rows}
+    assert again[("uchida", "prune_50")] == first[("uchida", "prune_50")]
+
+
+def test_overhead_is_reported_as_ratios_to_plain_training(tmp_path):
+    model = ImageClassifier(SmallCNN(width=8), num_classes=10)
+    rows = measure_overhead(
+        model,
+        DigitsDataModule(batch_size=64),
+        {"uchida": UchidaWatermark(layer="conv3", bits=32, seed=1)},
+        epochs=2,
+        repeats=1,
+    )
+    by_name = {r["scheme"]: r for r in rows}
+    assert by_name["plain"]["slowdown"] == pytest.approx(1.0)
+    assert by_name["uchida"]["samples_per_s"] > 0 and by_name["uchida"]["slowdown"] > 0
+
+
+def test_cli_benchmark_prints_the_table_and_logs_it_to_offline_wandb(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning-wm"])
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    config = yaml.safe_load(QUICKSTART.read_text())
+    config["schemes"] = {"noise": config["schemes"]["noise"]}
+    config["attacks"] = {"prune_50": config["attacks"]["prune_50"]}
+    config.pop("scheme_models")
+    config["attack_epochs"] = {"prune_50": 0}
+    config["embed_epochs"] = 3
+    config["null_models"] = 1
+    config["model"]["init_args"]["backbone"]["init_args"]["width"] = 8
+    config["trainer"]["enable_progress_bar"] = False
+    config["trainer"]["logger"] = {
+        "class_path": "lightning.pytorch.loggers.WandbLogger",
+        "init_args": {"project": "lightning-wm-test", "save_dir": str(tmp_path), "group": "quickstart"},
+    }
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["benchmark", "--config", str(path), "--output_dir", str(tmp_path / "bench")])
+    out = capsys.readouterr().out
+    assert "| noise | none |" in out and "| noise | prune_50 |" in out
+    assert (tmp_path / "bench" / "heatmap.png").is_file()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    media = runs[0] / "files" / "media"
+    assert list(media.rglob("*.table.json")), "the benchmark table is in the W&B run"
+    assert list(media.rglob("*.png")), "the heatmap is in the W&B run"
