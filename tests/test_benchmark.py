@@ -108,7 +108,8 @@ def test_an_interrupted_run_resumes_with_the_remaining_cells_only(tmp_path, coun
     before = len(count_fits)
     rows = _benchmark(tmp_path).run()
     assert count_fits[before:] == ["FineTuneAttack"]  # content × fine_tune only: the rest comes from the cache
-    assert len(rows) == 6 and all("status" in r for r in rows)
+    assert len(rows) == 6
+    assert all("status" in r for r in rows)
 
 
 def test_a_changed_option_reruns_only_the_cells_it_touches(tmp_path, count_fits):
@@ -134,7 +135,8 @@ def test_overhead_is_reported_as_ratios_to_plain_training(tmp_path):
     )
     by_name = {r["scheme"]: r for r in rows}
     assert by_name["plain"]["slowdown"] == pytest.approx(1.0)
-    assert by_name["uchida"]["samples_per_s"] > 0 and by_name["uchida"]["slowdown"] > 0
+    assert by_name["uchida"]["samples_per_s"] > 0
+    assert by_name["uchida"]["slowdown"] > 0
 
 
 def test_cli_benchmark_prints_the_table_and_logs_it_to_offline_wandb(tmp_path, monkeypatch, capsys):
@@ -158,7 +160,8 @@ def test_cli_benchmark_prints_the_table_and_logs_it_to_offline_wandb(tmp_path, m
     path.write_text(yaml.safe_dump(config))
     main(["benchmark", "--config", str(path), "--output_dir", str(tmp_path / "bench")])
     out = capsys.readouterr().out
-    assert "| noise | none |" in out and "| noise | prune_50 |" in out
+    assert "| noise | none |" in out
+    assert "| noise | prune_50 |" in out
     assert (tmp_path / "bench" / "heatmap.png").is_file()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
