@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_wm.benchmark.matrix import AttackFactory
@@ -168,6 +170,11 @@ class WatermarkCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
+        parser_kwargs = dict(kwargs.get("parser_kwargs") or {})
+        parser_kwargs.setdefault("exit_on_error", False)
+        for subcommand in self.subcommands():
+            parser_kwargs.setdefault(subcommand, {}).setdefault("exit_on_error", False)
+        kwargs["parser_kwargs"] = parser_kwargs
         super().__init__(*args, **kwargs)
 
     def before_benchmark(self) -> None:
@@ -184,7 +191,7 @@ class WatermarkCLI(LightningCLI):
         return commands
 
 
-_USER_ERRORS = (DatasetNotFoundError, KeyFileError, FileNotFoundError, ValueError, TypeError)
+_USER_ERRORS = (ArgumentError, DatasetNotFoundError, KeyFileError, FileNotFoundError, ValueError, TypeError)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -202,14 +209,29 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
+_WRAPPERS = (
+    "Parser key",
+    "Does not validate against",
+    "Subtypes:",
+    "Errors:",
+    "Given value",
+    "Problem with given class_path",
+    "Expected a",
+    "Not a valid subclass",
+    "Validation failed:",
+)
+
+
 def _one_line(err: BaseException) -> str:
-    """The innermost message of an error: jsonargparse wraps errors raised while instantiating a config."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    nested = [line.removeprefix("- ").strip() for line in lines if line.startswith("- ")]
-    informative = [line for line in nested if not line.startswith(("Expected a", "Not a valid subclass"))]
-    if informative or nested:
-        return (informative or nested)[0]
-    return lines[0] if lines else type(err).__name__
+    """One line for an error: jsonargparse nests the cause of a bad config under "Parser key" / "Problem with given
+    class_path" wrappers; keep the innermost message, prefixed with the config keys it sits under."""
+    lines = [line.strip().removeprefix("- ").strip() for line in str(err).splitlines() if line.strip()]
+    causes = [line for line in lines if not line.startswith(_WRAPPERS)]
+    if len(lines) == 1 or not causes:
+        return re.sub(r'Parser key "([^"]+)":\s*', r"\1: ", lines[0]) if lines else type(err).__name__
+    keys = re.findall(r'Parser key "([^"]+)"', str(err))
+    where = f"{'.'.join(keys)}: " if keys else ""
+    return f"{where}{causes[0]}"
 
 
 if __name__ == "__main__":

@@ -132,11 +132,6 @@ def _error_lines(err: str) -> list[str]:
     return lines[start:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py: jsonargparse prints the whole Union-subtype validation report (about 10 lines, with the config "
-    "dumped) for a bad key or class path in a YAML config; the CLI should reduce it to one line naming the key",
-)
 @pytest.mark.parametrize("edit", [_no_such_key_in_yaml, _unknown_class_path], ids=["yaml-key", "class-path"])
 def test_a_bad_config_file_is_a_one_line_error(edit, capsys) -> None:
     with pytest.raises(SystemExit):
