@@ -67,15 +67,20 @@ class WatermarkMixin:
         return [cb for cb in trainer.callbacks if isinstance(cb, WatermarkScheme)]
 
     def add_watermark_loss(self, batch: Any, output: Any) -> Any:
-        """Return ``output`` with every scheme's term added to its loss, and log each term."""
+        """Return ``output`` with every scheme's term added to its loss, and log each term as ``wm/<scheme>/loss``."""
         if output is None:
             return output
         loss: Tensor = output["loss"] if isinstance(output, Mapping) else output
+        seen: dict[str, int] = {}
         for scheme in self.watermark_schemes:
+            # named after the scheme (a second scheme of the same name gets a suffix), never after its key_path
+            name = scheme.name or type(scheme).__name__
+            seen[name] = seen.get(name, 0) + 1
+            label = name if seen[name] == 1 else f"{name}_{seen[name]}"
             term = scheme.training_loss(self, batch, output)  # type: ignore[arg-type]
             if term is None:
                 continue
-            self.log(f"wm/{scheme.state_key}/loss", term.detach(), on_step=True, on_epoch=False)  # type: ignore[attr-defined]
+            self.log(f"wm/{label}/loss", term.detach(), on_step=True, on_epoch=False)  # type: ignore[attr-defined]
             loss = loss + term
         if isinstance(output, Mapping):
             return {**output, "loss": loss}

@@ -42,7 +42,7 @@ def key_phase(x: Tensor, projection: Tensor, mean: Tensor | float, std: Tensor |
 
     Returns ``(N,)`` for one projection ``(D,)``, ``(N, P)`` for ``P`` projections ``(P, D)``.
     """
-    z = (x.flatten(1).float() @ projection.float().T - mean) / std
+    z = (x.flatten(1).float() @ projection.float().t() - mean) / std  # .t(): (D,) stays (D,), (P, D) -> (D, P)
     return 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
 
 
