@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -64,6 +65,15 @@ def _distill(
     )
     _trainer(epochs).fit(attack, dm_attacker)
     return attack.model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny digits models run fastest on one thread, and the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +170,34 @@ def test_usp_clean_models_and_students_of_clean_teachers_are_not_declared(
     for model in [*clean.values(), clean_student]:
         verdict = key.verify(model, alpha=ALPHA)
         assert not verdict.is_watermarked, verdict
+
+
+def test_usp_declares_marked_and_student_but_not_unmarked_models_unseen_at_key_creation(
+    dm: DigitsDataModule, dm_attacker: DigitsDataModule
+) -> None:
+    """The key's null comes from held-out clean references; models of other seeds, never seen, stay below it.
+
+    A key trained against one clean reference (before the fix) flagged 2 of 10 such digits models at alpha 0.01.
+    """
+    scheme = USPWatermark(reference=None, seed=7, num_queries=500)
+    marked = _fit(scheme, 0, 8, dm, width=8)
+    key: USPKey = scheme.key
+    rates, accuracies = key.config["calibration_rates"], key.config["calibration_accuracies"]
+    assert len(rates) == len(accuracies) == 2 * 8  # 2 held-out references, at the end of each epoch
+    comparable = [r for r, a in zip(rates, accuracies, strict=True) if a >= key.config["calibration_accuracy"]]
+    assert key.config["null_rate"] >= max(comparable) + scheme.null_margin - 1e-9
+    assert key.config["null_rate_any_accuracy"] >= max(rates) + scheme.null_margin - 1e-9 or (
+        key.config["null_rate_any_accuracy"] == 0.99
+    )
+    for suspect in (marked, _distill(marked, dm_attacker, 25)):
+        verdict = key.verify(suspect, alpha=ALPHA)
+        assert verdict.is_watermarked, verdict
+        assert verdict.statistic > 0.9, verdict
+    unmarked = [_fit(None, seed, epochs, dm, width=8) for seed, epochs in [(11, 8), (12, 8), (13, 3), (14, 3)]]
+    for model in unmarked:
+        verdict = key.verify(model, alpha=ALPHA)
+        assert not verdict.is_watermarked, verdict
+        assert verdict.statistic < key.config["null_rate"]
 
 
 def test_usp_detector_stays_in_the_key_file_not_in_the_checkpoint(usp: tuple, tmp_path: Path) -> None:
