@@ -137,6 +137,11 @@ class WatermarkTrainer(L.Trainer):
             "accuracy_budget": accuracy_budget,
         }
         paths = write_reports(rows, output_dir, logger=self.logger, summary=summary)
+        if self.logger is not None:
+            self.logger.finalize("success")
+            experiment = getattr(self.logger, "experiment", None)
+            if hasattr(experiment, "finish"):
+                experiment.finish()
         if self.is_global_zero:
             print(markdown_table(rows))
             print(f"written: {', '.join(str(p) for p in paths.values())}")

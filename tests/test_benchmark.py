@@ -158,7 +158,12 @@ def test_cli_benchmark_prints_the_table_and_logs_it_to_offline_wandb(tmp_path, m
     }
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(config))
-    main(["benchmark", "--config", str(path), "--output_dir", str(tmp_path / "bench")])
+    import wandb
+
+    try:
+        main(["benchmark", "--config", str(path), "--output_dir", str(tmp_path / "bench")])
+    finally:
+        wandb.teardown()
     out = capsys.readouterr().out
     assert "| noise | none |" in out
     assert "| noise | prune_50 |" in out

@@ -59,8 +59,6 @@ SLOW_NULL_SEEDS = range(100, 110)
 
 def _fashion_dir() -> str | None:
     """Where UnrelatedTrigger finds Fashion-MNIST (its unrelated images for a digits model), or None."""
-    if (Path("/work/data") / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte").is_file():
-        return "/work/data"
     if any(Path(d).is_dir() for d in FashionMNISTDataModule.offline_dirs):
         return str(Path(os.environ.get("TMPDIR", "/tmp")) / "lightning_wm_fashion")
     return None

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
-import time
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,10 +26,10 @@ from lightning_wm.watermarks import (
     UnrelatedTrigger,
 )
 from lightning_wm.watermarks.key_samples import render_text
-from lightning_wm.watermarks.trigger_set import KeyCycler, TriggerSetKey, null_model_test, shard_indices
+from lightning_wm.watermarks.trigger_set import KeyCycler, TriggerSetKey, shard_indices
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-FASHION_DIR = "/work/data"
+FASHION_DIR = str(Path(os.environ.get("TMPDIR", "/tmp")) / "lightning_wm_fashion")
 EPOCHS = 6
 
 GENERATORS = {
@@ -321,145 +320,3 @@ def test_two_process_ddp_shards_the_keys_and_embeds_the_watermark(tmp_path: Path
     shards = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert shards == [list(range(0, 40, 2)), list(range(1, 40, 2))]
     assert load_key(key_path).verify(model).is_watermarked
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Fashion-MNIST measurements (slow): python -m pytest -m slow tests/test_trigger_set.py
-# Three stages that can run as separate processes (-k null_models / -k trigger_sets / -k summary); each stage writes
-# its part under /work/results/issue4/, and the summary joins them into /work/results/issue4.json.
-
-MEASURE_EPOCHS = 3
-FINE_TUNE_EPOCHS = 5
-NULL_SEEDS = 5
-RESULTS = Path("/work/results/issue4.json")
-PARTS = Path("/work/results/issue4")
-
-
-def _fashion_generator(name: str) -> object:
-    return {
-        "content": lambda: ContentTrigger(target_class=0),
-        "noise": lambda: NoiseTrigger(target_class=0, sigma=0.5),
-        "unrelated": lambda: UnrelatedTrigger(target_class=0),
-        "new_label": lambda: NewLabelTrigger(beta=0.2, alpha_fraction=0.01),
-    }[name]()
-
-
-def _fashion(split: str = "defender") -> L.LightningDataModule:
-    from lightning_wm.data import FashionMNISTDataModule
-
-    return FashionMNISTDataModule(data_dir=FASHION_DIR, batch_size=128, train_split=split)
-
-
-def _fashion_fit(scheme: TriggerSetWatermark | None, outputs: int, seed: int) -> ImageClassifier:
-    torch.set_num_threads(1)
-    L.seed_everything(seed)
-    model = _classifier(outputs, width=32)
-    _trainer(MEASURE_EPOCHS, [scheme] if scheme else []).fit(model, _fashion())
-    return model
-
-
-def _test_accuracy(model: ImageClassifier) -> float:
-    return float(_trainer(1).test(model, _fashion(), verbose=False)[0]["test/acc"])
-
-
-def _null_model(seed: int) -> ImageClassifier:
-    model = _classifier(10, width=32)
-    model.backbone.load_state_dict(torch.load(PARTS / f"null_{seed}.pt", weights_only=True))
-    return model
-
-
-@pytest.mark.slow
-def test_fashion_mnist_null_models() -> None:
-    PARTS.mkdir(parents=True, exist_ok=True)
-    accuracies = []
-    for seed in range(NULL_SEEDS):
-        start = time.time()
-        model = _fashion_fit(None, 10, seed)
-        torch.save(model.backbone.state_dict(), PARTS / f"null_{seed}.pt")
-        accuracies.append({"seed": seed, "test_accuracy": _test_accuracy(model), "seconds": time.time() - start})
-        (PARTS / "nulls.json").write_text(json.dumps(accuracies, indent=2))
-    assert min(a["test_accuracy"] for a in accuracies) > 0.8
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["content", "noise", "unrelated", "new_label"])
-def test_fashion_mnist_trigger_sets(name: str) -> None:
-    PARTS.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    scheme = TriggerSetWatermark(_fashion_generator(name), num_keys=500, num_verify=100, seed=17)
-    marked = _fashion_fit(scheme, 11 if name == "new_label" else 10, 0)
-    key = scheme.key
-    key.save_key(PARTS / f"{name}.key")
-    verdict = key.verify(marked, alpha=0.01)
-    row = {
-        "generator": key.config,
-        "embedding_keys": len(key.tensors["embed_labels"]),
-        "verification_keys": len(key.tensors["verify_labels"]),
-        "key_accuracy": verdict.statistic,
-        "embed_key_accuracy": key.key_accuracy(marked, split="embed")[0],
-        "p_value": verdict.p_value,
-        "is_watermarked": verdict.is_watermarked,
-        "queries": verdict.queries,
-        "queries_to_p_1e-6": verdict.details["queries_to_significance"],
-        "test_accuracy": _test_accuracy(marked),
-        "train_seconds": time.time() - start,
-    }
-    (PARTS / f"{name}.json").write_text(json.dumps(row, indent=2))
-
-    L.seed_everything(1)
-    attacked = ImageClassifier(copy.deepcopy(marked.backbone), num_classes=10)
-    _trainer(FINE_TUNE_EPOCHS).fit(attacked, _fashion("attacker"))
-    after = key.verify(attacked, alpha=0.01)
-    row["fine_tuned"] = {
-        "key_accuracy": after.statistic,
-        "p_value": after.p_value,
-        "is_watermarked": after.is_watermarked,
-        "test_accuracy": _test_accuracy(attacked),
-    }
-    row["seconds"] = time.time() - start
-    (PARTS / f"{name}.json").write_text(json.dumps(row, indent=2))
-    assert verdict.is_watermarked
-
-
-@pytest.mark.slow
-def test_fashion_mnist_summary() -> None:
-    nulls = json.loads((PARTS / "nulls.json").read_text())
-    null_models = [_null_model(n["seed"]) for n in nulls]
-    baseline = nulls[0]["test_accuracy"]
-    results: dict[str, object] = {
-        "setup": {
-            "dataset": "Fashion-MNIST: the owner trains on the defender split, the attacker fine-tunes on its split",
-            "model": "SmallCNN(width=32), Adam lr 1e-3, batch 128 (+10% key samples), 500 embedding keys "
-            "(new label: alpha_fraction=0.01 of the training set), 100 held-out verification keys",
-            "epochs": MEASURE_EPOCHS,
-            "fine_tune": f"{FINE_TUNE_EPOCHS} epochs, all layers, plain ImageClassifier (Adam lr 1e-3), attacker split",
-            "null_models": f"{len(nulls)} unmarked SmallCNNs (seeds 0..{len(nulls) - 1}, 10 outputs), same epochs",
-            "baseline": "the unmarked model of seed 0, same seed and epochs as the marked models",
-            "torch_threads": 1,
-        },
-        "baseline": {"test_accuracy": baseline, "null_models": nulls},
-    }
-    for name in ("content", "noise", "unrelated", "new_label"):
-        row = json.loads((PARTS / f"{name}.json").read_text())
-        key = load_key(PARTS / f"{name}.key")
-        null_verdicts = [key.verify(m, alpha=0.01) for m in null_models]
-        row["test_accuracy_drop_points"] = 100 * (baseline - row["test_accuracy"])
-        row["null_key_accuracies"] = [v.statistic for v in null_verdicts]
-        row["null_p_values"] = [v.p_value for v in null_verdicts]
-        row["false_positives_at_0.01"] = sum(v.is_watermarked for v in null_verdicts)
-        if len(null_models) >= 2:
-            nulls_accuracy = row["null_key_accuracies"]
-            p_value, threshold, how = null_model_test(row["key_accuracy"], nulls_accuracy, 0.01)
-            row["null_model_test"] = {"p_value": p_value, "threshold": threshold, "null": how}
-            p_value, _, _ = null_model_test(row["fine_tuned"]["key_accuracy"], nulls_accuracy, 0.01)
-            row["fine_tuned"]["null_model_p_value"] = p_value
-        results[name] = row
-    RESULTS.write_text(json.dumps(results, indent=2, default=str))
-
-    for name in ("content", "noise", "unrelated", "new_label"):
-        row = results[name]
-        assert row["key_accuracy"] >= 0.98, (name, row["key_accuracy"])
-        assert row["false_positives_at_0.01"] == 0, (name, row["null_key_accuracies"])
-        assert 0 < row["queries_to_p_1e-6"] <= 50, (name, row["queries_to_p_1e-6"])
-        assert row["test_accuracy_drop_points"] <= 0.5, (name, row["test_accuracy_drop_points"])
-    assert results["new_label"]["fine_tuned"]["key_accuracy"] >= 0.99
