@@ -47,6 +47,16 @@ class WatermarkTrainer(L.Trainer):
             load_weights(model, ckpt_path)
         kwargs = {"layer": layer} if layer is not None else {}
         verdict = owner_key.verify(model.eval(), alpha=alpha, **kwargs)
+        if self.logger is not None:
+            self.logger.log_hyperparams({"verify/key_fingerprint": owner_key.fingerprint()[:16], "verify/alpha": alpha})
+            self.logger.log_metrics(
+                {
+                    f"verify/{owner_key.scheme}/statistic": float(verdict.statistic),
+                    f"verify/{owner_key.scheme}/p_value": float(verdict.p_value),
+                    f"verify/{owner_key.scheme}/watermarked": float(verdict.is_watermarked),
+                }
+            )
+            self.logger.save()
         if self.is_global_zero:
             print(verdict)
             print(json.dumps(verdict.as_dict(), default=str))

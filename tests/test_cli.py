@@ -182,9 +182,12 @@ def test_verify_with_a_tampered_key_is_a_one_line_error(capsys) -> None:
 
 def test_uchida_config_embeds_and_verify_declares_it(capsys) -> None:
     config = str(CONFIGS / "digits" / "uchida.yaml")
-    main(["fit", "--config", config, "--trainer.max_epochs=2", "--trainer.logger=false", *QUIET])
+    main(["fit", "--config", config, "--trainer.max_epochs=2", *QUIET])
     key_file = Path("outputs/digits/uchida.key")
     assert load_key(key_file).scheme == "uchida"
+    hparams = yaml.safe_load(next(Path("outputs/digits/uchida").rglob("hparams.yaml")).read_text())
+    assert hparams["wm/uchida/key_fingerprint"] == load_key(key_file).fingerprint()[:16]
+    assert "projection" not in json.dumps(hparams, default=str)
     capsys.readouterr()
     checkpoint = next(Path("outputs").rglob("last.ckpt"))
     main(["verify", "--config", config, "--key", str(key_file), "--ckpt_path", str(checkpoint)])

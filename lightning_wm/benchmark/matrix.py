@@ -285,6 +285,8 @@ class Benchmark:
         watermarked = bool(row["is_watermarked"])
         within_budget = drop <= self.accuracy_budget
         status = "kept" if watermarked else ("removed" if within_budget else "removed, over budget")
+        if attack == "none" and not watermarked:
+            status = "not embedded"
         return {
             **out,
             "acc_drop": drop,

@@ -27,9 +27,16 @@ COLUMNS = (
     "reason",
 )
 
-STATUS_COLOURS = {"kept": "#2e7d32", "removed": "#c62828", "removed, over budget": "#f9a825", "n/a": "#bdbdbd"}
+STATUS_COLOURS = {
+    "kept": "#2e7d32",
+    "removed": "#c62828",
+    "removed, over budget": "#f9a825",
+    "not embedded": "#6a1b9a",
+    "n/a": "#bdbdbd",
+}
 """Green: the watermark survives; red: removed within the accuracy budget; amber: removed at too high an
-accuracy cost; grey: the attack does not apply."""
+accuracy cost; purple: the marked model itself is not declared (embedding failed); grey: the attack does not
+apply."""
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
@@ -50,6 +57,11 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def format_p(p_value: float) -> str:
+    """``=3e-05``, or ``<1e-300`` where the p-value underflows double precision."""
+    return "<1e-300" if p_value < 1e-300 else f"={p_value:.0e}"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """One line per scheme × attack: accuracy before/after (%), the statistic, the p-value, the outcome."""
     header = "| scheme | attack | test acc % (before → after) | statistic | p-value | outcome | FP (clean) |"
@@ -63,10 +75,16 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             statistic = f"{row['statistic_name']} {row['statistic']:.3f}"
         outcome = row["status"] if row["status"] != "n/a" else f"n/a ({row.get('reason', '')[:60]})"
         lines.append(
-            f"| {row['scheme']} | {row['attack']} | {accuracy} | {statistic} | {_fmt(row.get('p_value'), 2)} | "
+            f"| {row['scheme']} | {row['attack']} | {accuracy} | {statistic} | {_fmt_p(row.get('p_value'))} | "
             f"{outcome} | {row['false_positives']} |"
         )
     return "\n".join(lines)
+
+
+def _fmt_p(p_value: float | None) -> str:
+    if p_value is None or math.isnan(p_value):
+        return "–"
+    return "<1e-300" if p_value < 1e-300 else f"{p_value:.2g}"
 
 
 def heatmap(rows: list[dict[str, Any]], path: str | Path, title: str = "watermark robustness") -> Path:
@@ -85,7 +103,7 @@ def heatmap(rows: list[dict[str, Any]], path: str | Path, title: str = "watermar
         [to_rgb(STATUS_COLOURS.get(cells.get((s, a), {}).get("status", "n/a"), "#ffffff")) for a in attacks]
         for s in schemes
     ]
-    fig, ax = plt.subplots(figsize=(1.3 * len(attacks) + 2, 0.6 * len(schemes) + 1.8))
+    fig, ax = plt.subplots(figsize=(1.3 * len(attacks) + 2, 0.6 * len(schemes) + 2.2), layout="constrained")
     ax.imshow(image, aspect="auto")
     for i, scheme in enumerate(schemes):
         for j, attack in enumerate(attacks):
@@ -93,20 +111,18 @@ def heatmap(rows: list[dict[str, Any]], path: str | Path, title: str = "watermar
             if row.get("status") in (None, "n/a"):
                 text = "n/a"
             else:
-                text = f"p={row['p_value']:.0e}\n{-row['acc_drop']:+.1f} pt"
+                text = f"p{format_p(row['p_value'])}\n{-row['acc_drop']:+.1f} pt"
             ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if row else "black")
     ax.set_xticks(range(len(attacks)), attacks, rotation=30, ha="right")
     ax.set_yticks(range(len(schemes)), schemes)
     ax.set_title(title)
-    ax.legend(
+    fig.legend(
         handles=[Patch(color=c, label=s) for s, c in STATUS_COLOURS.items()],
-        loc="upper center",
-        bbox_to_anchor=(0.5, -0.25),
-        ncol=4,
+        loc="outside lower center",
+        ncol=len(STATUS_COLOURS),
         fontsize=7,
         frameon=False,
     )
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

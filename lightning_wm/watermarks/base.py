@@ -100,6 +100,12 @@ class WatermarkScheme(Callback):
                         key.save_key(self.key_path)
             self._key = trainer.strategy.broadcast(key, src=0)
         self.on_key_ready(trainer, pl_module)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({f"wm/{self.name}/scheme": type(self).__name__, **self.public_summary()})
+
+    def public_summary(self) -> dict[str, Any]:
+        """What a dashboard may show of this scheme: the key's fingerprint and significance level, never the key."""
+        return {f"wm/{self.name}/key_fingerprint": self.key.fingerprint()[:16], f"wm/{self.name}/alpha": self.alpha}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._resumed_fingerprint is not None and self._resumed_fingerprint != self.key.fingerprint():
