@@ -143,18 +143,22 @@ class Benchmark:
         self._data_id = describe(datamodule)
 
     def epochs_of(self, attack: str) -> int:
+        """Training epochs of the attack named ``attack``."""
         if isinstance(self.attack_epochs, int):
             return self.attack_epochs
         return int(self.attack_epochs.get(attack, 1))
 
     def trainer(self, max_epochs: int, callbacks: list[L.Callback] | None = None) -> L.Trainer:
+        """A quiet Trainer with the benchmark's hardware options."""
         return quiet_trainer(self.trainer_kwargs, max_epochs, callbacks)
 
     def test_accuracy(self, module: L.LightningModule) -> float:
+        """``test/acc`` of ``module`` on the owner's test split."""
         (metrics,) = self.trainer(1).test(module, datamodule=self.datamodule, verbose=False)
         return float(metrics["test/acc"])
 
     def total_cells(self) -> int:
+        """Cells the progress bar counts: per scheme, the unmarked models, the embedding and each attack."""
         return len(self.schemes) * (1 + self.null_models + len(self.attacks))
 
     def run(self) -> list[dict[str, Any]]:

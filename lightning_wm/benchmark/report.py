@@ -40,6 +40,7 @@ apply."""
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Write the benchmark rows as CSV (the columns of ``COLUMNS``); the parent folder is created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
