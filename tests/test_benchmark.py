@@ -124,6 +124,19 @@ def test_a_changed_option_reruns_only_the_cells_it_touches(tmp_path, count_fits)
     assert again[("uchida", "prune_50")] == first[("uchida", "prune_50")]
 
 
+def test_a_scheme_whose_data_is_missing_is_reported_not_applicable(tmp_path, monkeypatch):
+    from lightning_wm.data import FashionMNISTDataModule
+    from lightning_wm.watermarks import UnrelatedTrigger
+
+    monkeypatch.setattr(FashionMNISTDataModule, "offline_dirs", ())
+    bench = _benchmark(tmp_path)
+    bench.schemes = {"unrelated": TriggerSetWatermark(UnrelatedTrigger(data_dir=str(tmp_path / "none")), seed=1)}
+    rows = bench.run()
+    assert [r["status"] for r in rows] == ["n/a"] * 3
+    assert "Fashion-MNIST" in rows[0]["reason"]
+    assert "n/a (UnrelatedTrigger needs Fashion-MNIST" in markdown_table(rows)
+
+
 def test_overhead_is_reported_as_ratios_to_plain_training(tmp_path):
     model = ImageClassifier(SmallCNN(width=8), num_classes=10)
     rows = measure_overhead(

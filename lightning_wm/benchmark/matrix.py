@@ -169,7 +169,15 @@ class Benchmark:
         for scheme_name, scheme in self.schemes.items():
             template = self.scheme_models.get(scheme_name, self.model)
             nulls = [self.null_model(template, i, bar) for i in range(self.null_models)]
-            marked, key, embed = self.embed(scheme_name, scheme, template, bar)
+            try:
+                marked, key, embed = self.embed(scheme_name, scheme, template, bar)
+            except DatasetNotFoundError as err:
+                reason = _first_line(err)
+                rank_zero_info(f"benchmark: {scheme_name} skipped: {reason}")
+                for attack in ["none", *self.attacks]:
+                    self.rows.append(_skipped_row(scheme_name, attack, nulls[0][1], reason))
+                bar.update(1 + len(self.attacks))
+                continue
             null_verdicts = [key.verify(null.eval(), alpha=self.alpha) for null, _ in nulls]
             null_stats = [v.statistic for v in null_verdicts]
             false_positives = sum(v.is_watermarked for v in null_verdicts)
@@ -312,6 +320,20 @@ def _verdict_fields(verdict: Any) -> dict[str, Any]:
         "p_value": float(verdict.p_value),
         "is_watermarked": bool(verdict.is_watermarked),
         "verify_queries": int(verdict.queries or 0),
+    }
+
+
+def _skipped_row(scheme: str, attack: str, baseline_acc: float, reason: str) -> dict[str, Any]:
+    return {
+        "scheme": scheme,
+        "attack": attack,
+        "baseline_acc": baseline_acc,
+        "acc_before": math.nan,
+        "acc_after": math.nan,
+        "false_positives": "–",
+        "key_fingerprint": "",
+        "status": "n/a",
+        "reason": reason,
     }
 
 

@@ -68,9 +68,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     header = "| scheme | attack | test acc % (before → after) | statistic | p-value | outcome | FP (clean) |"
     lines = [header, "|---|---|---|---|---|---|---|"]
     for row in rows:
-        before = 100 * row["acc_before"]
-        after = row.get("acc_after", math.nan)
-        accuracy = f"{before:.1f} → {100 * after:.1f}" if not math.isnan(after) else f"{before:.1f} → –"
+        accuracy = f"{_pct(row['acc_before'])} → {_pct(row.get('acc_after', math.nan))}"
         statistic = "–"
         if "statistic" in row:
             statistic = f"{row['statistic_name']} {row['statistic']:.3f}"
@@ -80,6 +78,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"{outcome} | {row['false_positives']} |"
         )
     return "\n".join(lines)
+
+
+def _pct(accuracy: float) -> str:
+    return "–" if math.isnan(accuracy) else f"{100 * accuracy:.1f}"
 
 
 def _fmt_p(p_value: float | None) -> str:
