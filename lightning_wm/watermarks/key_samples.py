@@ -40,8 +40,8 @@ class KeySampleGenerator:
 
     label_kind: ClassVar[str] = "target"
 
-    def __init__(self, target_class: int = 0, source_class: int | None = None) -> None:
-        if target_class < 0:
+    def __init__(self, target_class: int | None = 0, source_class: int | None = None) -> None:
+        if target_class is not None and target_class < 0:
             raise ValueError(f"target_class must be a class index, got {target_class}")
         if source_class is not None and source_class == target_class:
             raise ValueError(f"source_class and target_class are both {target_class}: keys would carry their own label")
@@ -281,14 +281,19 @@ class NoiseTrigger(KeySampleGenerator):
 
 class UnrelatedTrigger(KeySampleGenerator):
     """Zhang et al.'s unrelated keys: images of another dataset, resized to the model's input size and channel
-    count, labelled with the target class.
+    count, labelled with the target class, or by default each with a uniformly random class.
+
+    Random labels (Adi et al. 2018's labelling) make the binomial null exact: an unmarked model's answers cannot
+    depend on labels it never saw, so it matches each with probability 1/K. With one target class (Zhang et al.)
+    the null breaks: unmarked models send many foreign images to the same class, and 3 of 3 clean Fashion-MNIST
+    models matched target class 0 on most digit keys (declared at α = 0.01) in the benchmark.
 
     ``source="auto"`` takes scikit-learn's digits for a Fashion-MNIST, MNIST or CIFAR-10 model and Fashion-MNIST
     (via :class:`~lightning_wm.data.FashionMNISTDataModule`, offline from ``/usr/share/datasets/fashion-mnist``)
     for a digits model.
 
     Args:
-        target_class: see :class:`KeySampleGenerator`.
+        target_class: the label of every key, or None (default) for a uniformly random label per key.
         source_class: a class of the other dataset to draw from (None: every class).
         source: ``auto``, ``digits`` or ``fashion_mnist``.
         data_dir: where the other dataset is looked for.
@@ -296,7 +301,7 @@ class UnrelatedTrigger(KeySampleGenerator):
 
     def __init__(
         self,
-        target_class: int = 0,
+        target_class: int | None = None,
         source_class: int | None = None,
         source: Literal["auto", "digits", "fashion_mnist"] = "auto",
         data_dir: str = "data",
@@ -348,4 +353,9 @@ class UnrelatedTrigger(KeySampleGenerator):
             images = F.interpolate(images, size=(height, width), mode=mode, **kwargs).clamp(0.0, 1.0)
         if images.shape[1] != channels:
             images = images.mean(dim=1, keepdim=True).expand(-1, channels, -1, -1).clone()
-        return KeySamples(images, torch.full((count,), self.target_class, dtype=torch.long), {})
+        if self.target_class is None:
+            classes = int(getattr(datamodule, "num_classes", 10))
+            labels = torch.randint(0, classes, (count,), generator=generator)
+        else:
+            labels = torch.full((count,), self.target_class, dtype=torch.long)
+        return KeySamples(images, labels, {})

@@ -233,13 +233,16 @@ class TriggerSetWatermark(WatermarkScheme):
                 f"inputs are {tuple(inputs.shape[1:])}"
             )
         keys = datamodule.normalize(samples.images.float()).to(inputs.dtype)
-        labels = torch.full((len(keys),), self.generator.key_label(num_classes), dtype=torch.long)
+        labels = samples.labels.to(torch.long)
+        outputs = self.generator.num_outputs(num_classes)
+        if int(labels.min()) < 0 or int(labels.max()) >= outputs:
+            raise ValueError(f"{type(self.generator).__name__} made labels outside the model's {outputs} outputs")
         config = {
             **self.generator.config(),
             "label_kind": self.generator.label_kind,
             "num_classes": num_classes,
             "num_outputs": self.generator.num_outputs(num_classes),
-            "key_label": int(labels[0]),
+            "key_label": int(labels[0]) if bool((labels == labels[0]).all()) else None,
             "chance": self.generator.chance(num_classes),
             "input_shape": list(inputs.shape[1:]),
         }
