@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import Tensor, nn
 
+from lightning_wm.models.reinit import reinitialised_copy
 from lightning_wm.verify.blackbox import Suspect, check_outputs, query_probs
 from lightning_wm.verify.keys import WatermarkKey
 from lightning_wm.verify.verdict import Verdict
@@ -124,17 +125,8 @@ class CSPKey(WatermarkKey):
         shape = tuple(self.config.get("input_shape") or (dim,))
         return smooth_projections(int(self.config["null_keys"]), shape, int(self.config.get("grid", 0)), generator)
 
-    def score(self, probs: Tensor, x: Tensor, customer: str | int | None = None) -> tuple[float, Tensor]:
-        """Matched-filter scores of the suspect's outputs ``probs`` on ``x``: the customer's and the null's.
-
-        The score is the correlation between ``cos(f x' + θ)`` and the target-class log-probability (floored at
-        1e-6) centred within each class the suspect predicts; log space because a student distilled at a
-        temperature copies the teacher's logits, where the perturbation of small probabilities shows. Under the
-        null (a model that never saw this key) the customer's projection is one random unit vector among many:
-        its score is distributed like the scores of the ``null_keys`` random projections, computed with the same
-        f, θ and c* on the same outputs.
-        """
-        i = self.index(customer)
+    def _correlations(self, probs: Tensor, phases: Tensor, i: int) -> Tensor:
+        """Matched-filter correlations of outputs ``probs`` with customer ``i``'s cosine at every column of phases."""
         t = self.tensors
         target, frequency, phase = int(t["target"][i]), float(t["frequency"][i]), float(t["phase"][i])
         y = probs[:, target].double().clamp_min(1e-6).log()
@@ -144,19 +136,55 @@ class CSPKey(WatermarkKey):
             members = predicted == c
             residual[members] -= y[members].mean()
         residual = residual - residual.mean()
+        signal = torch.cos(frequency * phases.double() + phase)
+        signal = signal - signal.mean(dim=0)
+        denom = signal.norm(dim=0) * residual.norm()
+        return (residual @ signal) / denom.clamp_min(1e-12)
 
-        def correlation(x_phase: Tensor) -> Tensor:
-            signal = torch.cos(frequency * x_phase.double() + phase)
-            signal = signal - signal.mean(dim=0)
-            denom = signal.norm(dim=0) * residual.norm()
-            return (residual @ signal) / denom.clamp_min(1e-12)
-
+    def _phases(self, x: Tensor, i: int) -> Tensor:
+        """(N, 1 + P): the phases of customer ``i``'s projection, then of the ``null_keys`` random projections."""
+        t = self.tensors
         flat = x.flatten(1).float()
         own = key_phase(flat, t["projection"][i : i + 1], t["mean"][i : i + 1], t["std"][i : i + 1])
         null_v = self.null_projections(flat.shape[1])
         proj = flat @ null_v.T
         null_phase = 0.5 * (1.0 + torch.erf((proj - proj.mean(0)) / proj.std(0).clamp_min(1e-12) / math.sqrt(2.0)))
-        return float(correlation(own)[0]), correlation(null_phase)
+        return torch.cat([own, null_phase], dim=1)
+
+    def calibrated_for(self, x: Tensor) -> bool:
+        """Whether the key holds clean references' outputs on exactly these inputs (its own queries)."""
+        cal = self.tensors.get("calibration_probs")
+        queries = self.tensors["queries"]
+        return cal is not None and cal.numel() > 0 and x.shape == queries.shape and torch.equal(x.cpu(), queries)
+
+    def score(
+        self, probs: Tensor, x: Tensor, customer: str | int | None = None, calibrate: bool = False
+    ) -> tuple[float, Tensor]:
+        """Matched-filter scores of the suspect's outputs ``probs`` on ``x``: the customer's and the null's.
+
+        The score is the correlation between ``cos(f x' + θ)`` and the target-class log-probability (floored at
+        1e-6) centred within each class the suspect predicts; log space because a student distilled at a
+        temperature copies the teacher's logits, where the perturbation of small probabilities shows. Under the
+        null (a model that never saw this key) the customer's projection is one random unit vector among many:
+        its score is distributed like the scores of the ``null_keys`` random projections, computed with the same
+        f, θ and c* on the same outputs.
+
+        A fixed projection can correlate with the class content of the inputs, so that its score is biased the same
+        way on every model (a clean digits key scored z 1.5 to 2.2 on all of seven clean models, csp_fp.md).
+        :class:`CSPWatermark` therefore redraws, at key creation, every customer projection whose z on clean
+        reference models is far from 0 (``calibration_max_z``). With ``calibrate`` (and a key holding
+        ``calibration_probs`` on these inputs) every score, the customer's and the null's, is instead taken
+        relative to its mean on those references (measured: less bias, but the references' own noise is added;
+        not the default).
+        """
+        i = self.index(customer)
+        phases = self._phases(x, i)
+        scores = self._correlations(probs, phases, i)
+        if calibrate and self.calibrated_for(x):
+            cal = self.tensors["calibration_probs"].to(probs)
+            bias = torch.stack([self._correlations(ref, phases, i) for ref in cal]).mean(0)
+            scores = scores - bias
+        return float(scores[0]), scores[1:]
 
     def verify(
         self,
@@ -176,6 +204,7 @@ class CSPKey(WatermarkKey):
         probs, queries = query_probs(suspect, x)
         check_outputs(probs, int(self.config["num_classes"]), "CSP")
         names = self.customers if customer is None else [self.customers[self.index(customer)]]
+        calibrated = "calibration_probs" in self.tensors and "calibration_z" in self.config
         results: dict[str, dict[str, float]] = {}
         for name in names:
             score, null = self.score(probs.float(), x, name)
@@ -196,10 +225,21 @@ class CSPKey(WatermarkKey):
             queries=queries,
             null=(
                 f"the customer's projection is one of {self.config['null_keys']} random unused projections "
-                "(normal fit to their matched-filter scores on the same outputs), Bonferroni over customers"
+                "(normal fit to their matched-filter scores on the same outputs"
+                + (", the customer's keys drawn to score near 0 on clean references" if calibrated else "")
+                + "), Bonferroni over customers"
             ),
-            details={"customer": best if watermarked else None, "best_match": best, "per_customer": results},
+            details={
+                "customer": best if watermarked else None,
+                "best_match": best,
+                "per_customer": results,
+                "calibrated": calibrated,
+            },
         )
+
+
+def _z(score: float, null: Tensor) -> float:
+    return (score - float(null.mean())) / max(float(null.std()), 1e-12)
 
 
 class CSPHead(nn.Module):
@@ -256,6 +296,15 @@ class CSPWatermark(WatermarkScheme):
         null_keys: random unused projections forming the null.
         grid: the projections are drawn on a ``grid × grid`` lattice of pixel blocks (see
             :func:`smooth_projections`); 0 for i.i.d. pixel weights.
+        calibration_references: clean reference models (re-initialised copies of ``pl_module.backbone``, or
+            ``.model``) trained at key creation on the training data, whose outputs on the queries the key keeps
+            (``calibration_probs``) to calibrate the statistic for this fixed key (:meth:`CSPKey.score`). 0 turns
+            calibration off (the statistic is then calibrated over random keys only: on digits 16 of 40 fixed keys
+            had a customer whose z on clean models averaged above 1, csp_fp.md).
+        calibration_epochs, calibration_lr: epochs and Adam learning rate of the clean references.
+        calibration_max_z, calibration_tries: a customer projection whose mean z on the references exceeds
+            ``calibration_max_z`` in absolute value is redrawn, at most ``calibration_tries`` times (the key's
+            ``config["calibration_z"]`` keeps the final values).
         key_path, seed, alpha: see :class:`~lightning_wm.watermarks.base.WatermarkScheme`.
     """
 
@@ -274,6 +323,11 @@ class CSPWatermark(WatermarkScheme):
         query_split: str = "defender",
         null_keys: int = 500,
         grid: int = 4,
+        calibration_references: int = 2,
+        calibration_epochs: int = 6,
+        calibration_lr: float = 2e-3,
+        calibration_max_z: float = 0.5,
+        calibration_tries: int = 100,
         key_path: str | None = None,
         seed: int | None = None,
         alpha: float = 0.01,
@@ -296,7 +350,17 @@ class CSPWatermark(WatermarkScheme):
         self.num_queries = num_queries
         self.query_split = query_split
         self.null_keys = null_keys
+        if calibration_references < 0 or calibration_epochs < 1:
+            raise ValueError(
+                "CSPWatermark needs calibration_references >= 0 and calibration_epochs >= 1, got "
+                f"{calibration_references} and {calibration_epochs}"
+            )
         self.grid = grid
+        self.calibration_references = calibration_references
+        self.calibration_epochs = calibration_epochs
+        self.calibration_lr = calibration_lr
+        self.calibration_max_z = calibration_max_z
+        self.calibration_tries = calibration_tries
         self._device_tensors: dict[str, Tensor] = {}
 
     @property
@@ -328,6 +392,7 @@ class CSPWatermark(WatermarkScheme):
             "phase": torch.rand(len(self.customers), generator=generator) * 2 * math.pi,
             "queries": query_x[order].clone(),
         }
+
         config = {
             "customers": self.customers,
             "amplitude": self.amplitude,
@@ -336,8 +401,69 @@ class CSPWatermark(WatermarkScheme):
             "input_shape": list(shape),
             "grid": self.grid,
             "null_seed": int(torch.randint(0, 2**62, (1,), generator=generator)),
+            "calibration_references": self.calibration_references,
+            "calibration_epochs": self.calibration_epochs,
         }
+        if self.calibration_references > 0:
+            tensors["calibration_probs"] = self._calibration_probs(
+                pl_module, datamodule.train_dataset.tensors, tensors["queries"], (config["null_seed"] + 1) % 2**62
+            )
+            key = CSPKey(config, tensors)
+            config["calibration_z"] = self._redraw_biased(key, train_x, shape, (config["null_seed"] + 2) % 2**62)
+            tensors = dict(key.tensors)
         return CSPKey(config, tensors)
+
+    def _redraw_biased(self, key: CSPKey, train_x: Tensor, shape: tuple[int, ...], seed: int) -> list[float]:
+        """Redraw (in place) every customer projection whose mean z on the clean references exceeds the bound.
+
+        A projection correlated with the inputs' class content scores high on every model, marked or not; its z
+        on clean references trained at key creation predicts that bias (correlation 0.8 on digits, csp_fp.md)..
+        """
+        t, cal = key.tensors, key.tensors["calibration_probs"]
+        generator = torch.Generator().manual_seed(seed)
+        zs = []
+        for i in range(len(self.customers)):
+            for _ in range(self.calibration_tries):
+                z = sum(_z(*key.score(ref, t["queries"], i)) for ref in cal) / len(cal)
+                if abs(z) <= self.calibration_max_z:
+                    break
+                v = smooth_projections(1, shape, self.grid, generator)[0]
+                scores = train_x.flatten(1).float() @ v
+                t["projection"][i], t["mean"][i], t["std"][i] = v, scores.mean(), scores.std()
+            zs.append(float(z))
+        return zs
+
+    def _calibration_probs(
+        self, pl_module: L.LightningModule, train: tuple[Tensor, ...], queries: Tensor, seed: int
+    ) -> Tensor:
+        """(R, N, K): outputs on the queries of ``calibration_references`` clean models trained here (no key)."""
+        base = getattr(pl_module, "backbone", None)
+        if base is None:
+            base = getattr(pl_module, "model", None)
+        if base is None:
+            raise ValueError(
+                "CSPWatermark trains clean references from pl_module.backbone (or .model); the module has neither "
+                "(set calibration_references=0 to skip the calibration)"
+            )
+        train_x, train_y = train[0], train[1]
+        device = next(base.parameters()).device
+        outputs = []
+        with torch.random.fork_rng(devices=[]):
+            for r in range(self.calibration_references):
+                torch.manual_seed(seed + r)
+                model = reinitialised_copy(base).to(device).train()
+                optimizer = torch.optim.Adam(model.parameters(), lr=self.calibration_lr)
+                for _ in range(self.calibration_epochs):
+                    for batch in torch.randperm(len(train_x)).split(64):
+                        loss = F.cross_entropy(model(train_x[batch].to(device)), train_y[batch].to(device))
+                        optimizer.zero_grad()
+                        loss.backward()
+                        optimizer.step()
+                model.eval()
+                with torch.no_grad():
+                    probs = [torch.softmax(model(q.to(device)).float(), -1).cpu() for q in queries.split(512)]
+                outputs.append(torch.cat(probs))
+        return torch.stack(outputs)
 
     def serve(self, model: nn.Module, customer: str | int | None = None) -> CSPHead:
         """``model`` behind ``customer``'s perturbation head (see :class:`CSPHead`)."""
