@@ -226,6 +226,8 @@ class TriggerSetWatermark(WatermarkScheme):
         num_classes = _task_classes(pl_module, datamodule)
         generator = torch.Generator().manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
         num_embed = self.generator.num_keys(len(inputs), self.num_keys)
+        if getattr(self.generator, "target_class", 0) is not None:
+            self.generator.key_label(num_classes)
         samples = self.generator.generate(datamodule, num_embed + self.num_verify, generator)
         if samples.images.shape[1:] != inputs.shape[1:]:
             raise ValueError(
