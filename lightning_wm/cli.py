@@ -82,6 +82,7 @@ class WatermarkTrainer(L.Trainer):
         overhead: bool = False,
         overhead_epochs: int = 3,
         overhead_repeats: int = 3,
+        rerun: list[str] | None = None,
     ) -> list[dict[str, Any]]:
         """Run the scheme × attack matrix (embed, attack, verify), or with ``overhead`` the throughput comparison;
         print the table and write it (CSV, Markdown, heatmap PNG) under ``output_dir``.
@@ -101,6 +102,7 @@ class WatermarkTrainer(L.Trainer):
             overhead: measure training throughput with each scheme against plain training instead.
             overhead_epochs: epochs of each overhead run (the first is warm-up).
             overhead_repeats: round-robin repeats of the overhead runs.
+            rerun: schemes whose cells are recomputed even when cached (after a change of their code).
         """
         from lightning_wm.benchmark import Benchmark, measure_overhead, overhead_table
         from lightning_wm.benchmark.report import markdown_table, write_reports
@@ -136,6 +138,7 @@ class WatermarkTrainer(L.Trainer):
             seed=self.benchmark_seed,
             trainer_kwargs=self.benchmark_trainer_kwargs,
             progress=bool(self.benchmark_trainer_kwargs.get("enable_progress_bar", True)),
+            rerun=rerun or (),
         )
         rows = bench.run()
         summary = {

@@ -34,7 +34,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _benchmark(output_dir: Path, attack_epochs: dict[str, int] | None = None) -> Benchmark:
+def _benchmark(output_dir: Path, attack_epochs: dict[str, int] | None = None, rerun: tuple[str, ...] = ()) -> Benchmark:
     model = ImageClassifier(SmallCNN(width=8), num_classes=10, optimizer=partial(torch.optim.Adam, lr=3e-3))
     return Benchmark(
         model,
@@ -52,6 +52,7 @@ def _benchmark(output_dir: Path, attack_epochs: dict[str, int] | None = None) ->
         null_models=2,
         output_dir=output_dir,
         progress=False,
+        rerun=rerun,
     )
 
 
@@ -122,6 +123,9 @@ def test_a_changed_option_reruns_only_the_cells_it_touches(tmp_path, count_fits)
     assert count_fits[before:] == ["FineTuneAttack", "FineTuneAttack"]  # one per scheme, nothing else
     again = {(r["scheme"], r["attack"]): r["acc_after"] for r in rows}
     assert again[("uchida", "prune_50")] == first[("uchida", "prune_50")]
+    before = len(count_fits)
+    _benchmark(tmp_path, rerun=("content",)).run()
+    assert count_fits[before:] == ["ImageClassifier", "FineTuneAttack"]  # content's embedding and attacks only
 
 
 def test_a_scheme_whose_data_is_missing_is_reported_not_applicable(tmp_path, monkeypatch):

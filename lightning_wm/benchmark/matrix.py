@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,8 @@ class Benchmark:
         seed: seed of the marked model and of the first unmarked one.
         trainer_kwargs: options of every Trainer the benchmark builds (accelerator, devices, precision...).
         progress: show a progress bar over the cells.
+        rerun: schemes whose embedding and attack cells are recomputed even when cached (after a change of the
+            scheme's code, which the cache key, made of options, does not see).
     """
 
     def __init__(
@@ -114,12 +116,13 @@ class Benchmark:
         seed: int = 0,
         trainer_kwargs: dict[str, Any] | None = None,
         progress: bool = True,
+        rerun: Sequence[str] = (),
     ) -> None:
         if null_models < 1:
             raise ValueError(f"null_models must be at least 1 (the accuracy baseline), got {null_models}")
-        unknown = set(scheme_models or {}) - set(schemes)
+        unknown = (set(scheme_models or {}) | set(rerun)) - set(schemes)
         if unknown:
-            raise ValueError(f"scheme_models names {sorted(unknown)} that are not schemes: {sorted(schemes)}")
+            raise ValueError(f"{sorted(unknown)} named in scheme_models or rerun are not schemes: {sorted(schemes)}")
         if not hasattr(datamodule, "train_split"):
             raise TypeError(f"{type(datamodule).__name__} has no train_split: the attacks need an attacker split")
         self.model = model
@@ -138,6 +141,7 @@ class Benchmark:
         self.seed = seed
         self.trainer_kwargs = dict(trainer_kwargs or {})
         self.progress = progress
+        self.rerun = set(rerun)
         self.cache = CellCache(self.output_dir)
         self.rows: list[dict[str, Any]] = []
         self._data_id = describe(datamodule)
@@ -194,7 +198,7 @@ class Benchmark:
             )
             for attack_name, factory in self.attacks.items():
                 bar.set_postfix_str(f"{scheme_name} × {attack_name}")
-                row = self.attack(embed["cell"], attack_name, factory, marked, key, scheme)
+                row = self.attack(embed["cell"], attack_name, factory, marked, key, scheme, scheme_name in self.rerun)
                 self.rows.append({**context, **self._verdict_row(attack_name, embed["acc"], row, null_stats, higher)})
                 bar.update()
         bar.close()
@@ -227,7 +231,7 @@ class Benchmark:
         cell = cell_id("embed", template, self._data_id, unkeyed, self.embed_epochs, self.seed, self.trainer_kwargs)
         bar.set_postfix_str(f"{name}: embedding")
         model = self.cache.load_model(cell, template)
-        row = self.cache.load_row(cell)
+        row = None if name in self.rerun else self.cache.load_row(cell)
         key_file = self.cache.key_path(cell)
         if model is None or row is None or not key_file.is_file():
             scheme = copy.deepcopy(scheme)
@@ -256,11 +260,12 @@ class Benchmark:
         marked: L.LightningModule,
         key: WatermarkKey,
         scheme: WatermarkScheme,
+        rerun: bool = False,
     ) -> dict[str, Any]:
         """Run one attack on a copy of the marked model and verify it with the owner's key (cached)."""
         epochs = self.epochs_of(name)
         cell = cell_id("attack", embed_cell, factory, epochs, self.seed, self.trainer_kwargs)
-        row = self.cache.load_row(cell)
+        row = None if rerun else self.cache.load_row(cell)
         if row is not None:
             return row
         began = time.perf_counter()

@@ -286,7 +286,9 @@ class UnrelatedTrigger(KeySampleGenerator):
     Random labels (Adi et al. 2018's labelling) make the binomial null exact: an unmarked model's answers cannot
     depend on labels it never saw, so it matches each with probability 1/K. With one target class (Zhang et al.)
     the null breaks: unmarked models send many foreign images to the same class, and 3 of 3 clean Fashion-MNIST
-    models matched target class 0 on most digit keys (declared at α = 0.01) in the benchmark.
+    models matched target class 0 on most digit keys (declared at α = 0.01) in the benchmark. A random label is
+    memorised, not generalised, so random-label keys are verified on the embedded keys themselves (as Adi et al.
+    do), not on held-out ones.
 
     ``source="auto"`` takes scikit-learn's digits for a Fashion-MNIST, MNIST or CIFAR-10 model and Fashion-MNIST
     (via :class:`~lightning_wm.data.FashionMNISTDataModule`, offline from ``/usr/share/datasets/fashion-mnist``)

@@ -226,9 +226,11 @@ class TriggerSetWatermark(WatermarkScheme):
         num_classes = _task_classes(pl_module, datamodule)
         generator = torch.Generator().manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
         num_embed = self.generator.num_keys(len(inputs), self.num_keys)
-        if getattr(self.generator, "target_class", 0) is not None:
+        random_labels = getattr(self.generator, "target_class", 0) is None
+        if not random_labels:
             self.generator.key_label(num_classes)
-        samples = self.generator.generate(datamodule, num_embed + self.num_verify, generator)
+        num_held_out = 0 if random_labels else self.num_verify
+        samples = self.generator.generate(datamodule, num_embed + num_held_out, generator)
         if samples.images.shape[1:] != inputs.shape[1:]:
             raise ValueError(
                 f"{type(self.generator).__name__} made keys of shape {tuple(samples.images.shape[1:])}, the model's "
@@ -247,12 +249,13 @@ class TriggerSetWatermark(WatermarkScheme):
             "key_label": int(labels[0]) if bool((labels == labels[0]).all()) else None,
             "chance": self.generator.chance(num_classes),
             "input_shape": list(inputs.shape[1:]),
+            "verified_on": "embedded keys" if random_labels else "held-out keys",
         }
         tensors = {
             "embed_inputs": keys[:num_embed],
             "embed_labels": labels[:num_embed],
-            "verify_inputs": keys[num_embed:],
-            "verify_labels": labels[num_embed:],
+            "verify_inputs": keys[:num_embed] if random_labels else keys[num_embed:],
+            "verify_labels": labels[:num_embed] if random_labels else labels[num_embed:],
             **{f"generator_{name}": t for name, t in samples.secrets.items()},
         }
         return TriggerSetKey(config, tensors)
