@@ -7,7 +7,6 @@ outside the attack's parameters and checkpoints, the attacked model's accuracy a
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_wm.classifier import load_classifier
+from lightning_wm.models.reinit import clone_module
 from lightning_wm.verify.blackbox import BlackBoxModel
 
 Victim = str | nn.Module
@@ -188,5 +188,5 @@ class RemovalAttack(L.LightningModule):
 
 def copy_victim(victim: Victim) -> nn.Module:
     """A private, trainable copy of the victim's network (the caller's module is never modified)."""
-    model = copy.deepcopy(load_victim(victim))
+    model = clone_module(load_victim(victim))
     return model.train().requires_grad_(True)

@@ -15,6 +15,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from lightning_wm.models.reinit import clone_module
+
 
 def describe(obj: Any, depth: int = 0) -> Any:
     """A JSON-able description of ``obj`` that changes when any option that shapes its behaviour changes.
@@ -96,12 +98,11 @@ class CellCache:
         tmp.replace(path)
 
     def load_model(self, cell: str, template: nn.Module) -> nn.Module | None:
-        import copy
 
         path = self.model_path(cell)
         if not path.is_file():
             return None
-        model = copy.deepcopy(template)
+        model = clone_module(template)
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model
 

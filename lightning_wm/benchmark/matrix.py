@@ -30,7 +30,7 @@ from lightning_wm.attacks.base import RemovalAttack
 from lightning_wm.attacks.overwrite import OverwriteAttack
 from lightning_wm.benchmark.cache import CellCache, cell_id, describe
 from lightning_wm.data.base import DatasetNotFoundError
-from lightning_wm.models.reinit import reinitialised_copy
+from lightning_wm.models.reinit import clone_module, reinitialised_copy
 from lightning_wm.verify.keys import WatermarkKey, load_key
 from lightning_wm.verify.stats import empirical_p_value
 from lightning_wm.watermarks.base import WatermarkScheme
@@ -213,7 +213,7 @@ class Benchmark:
         row = self.cache.load_row(cell)
         if model is None or row is None:
             torch.manual_seed(self.seed + index)
-            model = reinitialised_copy(template) if index else copy.deepcopy(template)
+            model = reinitialised_copy(template) if index else clone_module(template)
             L.seed_everything(self.seed + index, verbose=False)
             self.trainer(self.embed_epochs).fit(model, datamodule=self.datamodule)
             row = {"acc": self.test_accuracy(model)}
@@ -237,7 +237,7 @@ class Benchmark:
             scheme = copy.deepcopy(scheme)
             scheme.key_path = str(key_file)
             key_file.unlink(missing_ok=True)
-            model = copy.deepcopy(template)
+            model = clone_module(template)
             L.seed_everything(self.seed, verbose=False)
             began = time.perf_counter()
             self.trainer(self.embed_epochs, callbacks=[scheme]).fit(model, datamodule=self.datamodule)

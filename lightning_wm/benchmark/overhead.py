@@ -17,6 +17,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from lightning_wm.benchmark.matrix import quiet_trainer
+from lightning_wm.models.reinit import clone_module
 from lightning_wm.watermarks.base import WatermarkScheme
 
 
@@ -70,7 +71,7 @@ def measure_overhead(
                 callbacks.insert(0, scheme)
             trainer = quiet_trainer(trainer_kwargs or {}, epochs, callbacks, limit_val_batches=0)
             began = time.perf_counter()
-            trainer.fit(copy.deepcopy(template), datamodule=datamodule)
+            trainer.fit(clone_module(template), datamodule=datamodule)
             outside_epochs = time.perf_counter() - began - sum(t for t, _ in timer.epochs)
             steady = timer.epochs[1:]
             throughput = sum(n for _, n in steady) / sum(t for t, _ in steady)
