@@ -17,7 +17,48 @@ from torchmetrics import MeanMetric
 from lightning_wm.mixin import WatermarkMixin
 
 
-class ImageClassifier(WatermarkMixin, L.LightningModule):
+class ClassifierSteps(L.LightningModule):
+    """The evaluation side of a classifier, shared by :class:`ImageClassifier` and the removal attacks.
+
+    Validation and test log ``<stage>/loss`` and ``<stage>/acc`` (torchmetrics means, synchronised under DDP),
+    ``predict`` returns probabilities, and the optimizer (a LightningCLI factory in ``self.optimizer``, with an
+    optional ``self.lr_scheduler``) gets :meth:`trainable_parameters`. Subclasses create ``val_accuracy`` and
+    ``test_accuracy`` (``MeanMetric``) and implement ``forward`` and ``training_step``.
+    """
+
+    optimizer: OptimizerCallable
+    lr_scheduler: LRSchedulerCallable | None
+    val_accuracy: MeanMetric
+    test_accuracy: MeanMetric
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer updates (those that require gradients)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def _evaluate(self, batch: Any, stage: str, metric: MeanMetric) -> None:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        metric(logits.argmax(-1) == y)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log(f"{stage}/acc", metric, prog_bar=True)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_accuracy)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_accuracy)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return torch.softmax(self(batch[0]), dim=-1)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.trainable_parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
+
+
+class ImageClassifier(WatermarkMixin, ClassifierSteps):
     """Cross-entropy classification with any backbone, accuracy logged for train/val/test.
 
     Built by ``lightning-wm`` (LightningCLI), its checkpoints record the backbone's config, so
@@ -86,28 +127,6 @@ class ImageClassifier(WatermarkMixin, L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True)
         return {"loss": loss, "logits": logits}
-
-    def _evaluate(self, batch: Any, stage: str, metric: MeanMetric) -> None:
-        x, y = batch[0], batch[1]
-        logits = self(x)
-        metric(logits.argmax(-1) == y)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
-        self.log(f"{stage}/acc", metric, prog_bar=True)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_accuracy)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_accuracy)
-
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return torch.softmax(self(batch[0]), dim=-1)
-
-    def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
-        if self.lr_scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
 
 
 def _load_backbone(checkpoint: str | Path, like: nn.Module) -> nn.Module:

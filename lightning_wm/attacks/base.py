@@ -13,13 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from lightning_wm.classifier import load_classifier
+from lightning_wm.classifier import ClassifierSteps, load_classifier
 from lightning_wm.models.reinit import clone_module
 from lightning_wm.verify.blackbox import BlackBoxModel
 
@@ -74,7 +72,7 @@ class HiddenModule(nn.Module):
         return self.module(x)
 
 
-class RemovalAttack(L.LightningModule):
+class RemovalAttack(ClassifierSteps):
     """A removal attack on a victim model, run by ``trainer.fit(attack, datamodule)``.
 
     ``attack.model`` is the attacked network and ``attack(x)`` its logits, so any key verifies the attack or
@@ -122,22 +120,6 @@ class RemovalAttack(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
-    def _evaluate(self, batch: Any, stage: str, metric: MeanMetric) -> None:
-        x, y = batch[0], batch[1]
-        logits = self(x)
-        metric(logits.argmax(-1) == y)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
-        self.log(f"{stage}/acc", metric, prog_bar=True)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_accuracy)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_accuracy)
-
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return torch.softmax(self(batch[0]), dim=-1)
-
     def on_fit_start(self) -> None:
         self._fit_started = time.perf_counter() - self.wall_time
 
@@ -175,15 +157,6 @@ class RemovalAttack(L.LightningModule):
         self.wall_time = float(cost.get("wall_time", 0.0))
         if self._api is not None:
             self._api.queries = int(cost.get("queries", 0))
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer(self.trainable_parameters())
-        if self.lr_scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
 
 
 def copy_victim(victim: Victim) -> nn.Module:
