@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from conftest import fast_trainer
 
 from lightning_wm import ImageClassifier
 from lightning_wm.cli import main as cli_main
@@ -41,20 +42,7 @@ GENERATORS = {
 
 
 def _trainer(max_epochs: int, callbacks: list | None = None, **kwargs) -> L.Trainer:
-    options = {
-        "max_epochs": max_epochs,
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "limit_val_batches": 0,
-        "callbacks": callbacks or [],
-    }
-    options.update(kwargs)
-    return L.Trainer(**options)
+    return fast_trainer(max_epochs, callbacks, **{"num_sanity_val_steps": 0, "limit_val_batches": 0, **kwargs})
 
 
 def _classifier(outputs: int, classes: int = 10, width: int = 16, in_channels: int = 1) -> ImageClassifier:

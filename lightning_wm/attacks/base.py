@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -119,6 +120,14 @@ class RemovalAttack(ClassifierSteps):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
+
+    def supervised_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Cross-entropy of the attacked model on ``(x, y)``, logged as ``train/loss``: the training step of the
+        attacks that train on labels (fine-tuning, pruning with fine-tuning, overwriting)."""
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        return {"loss": loss, "logits": logits}
 
     def on_fit_start(self) -> None:
         self._fit_started = time.perf_counter() - self.wall_time

@@ -7,7 +7,6 @@ import copy
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
@@ -79,7 +78,4 @@ class FineTuneAttack(RemovalAttack):
         x, y = batch[0], batch[1]
         if self.labels == "victim":
             y = self.query(x)
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        self.log("train/loss", loss, prog_bar=True)
-        return {"loss": loss, "logits": logits}
+        return self.supervised_step(x, y)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
@@ -69,8 +68,4 @@ class OverwriteAttack(WatermarkMixin, RemovalAttack):
         return [self.scheme]
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        x, y = batch[0], batch[1]
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        self.log("train/loss", loss, prog_bar=True)
-        return {"loss": loss, "logits": logits}
+        return self.supervised_step(batch[0], batch[1])

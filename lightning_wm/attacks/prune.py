@@ -8,7 +8,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torch.nn.utils import prune
@@ -101,11 +100,7 @@ class PruneAttack(RemovalAttack):
         self.log("attack/sparsity", self.sparsity, sync_dist=True)
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        x, y = batch[0], batch[1]
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        self.log("train/loss", loss, prog_bar=True)
-        return {"loss": loss, "logits": logits}
+        return self.supervised_step(batch[0], batch[1])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
