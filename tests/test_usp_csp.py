@@ -224,33 +224,6 @@ def test_configs_run_through_the_cli(name: str, tmp_path: Path, monkeypatch: pyt
     assert verdict["scheme"] == name
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["usp", "csp"])
-def test_two_process_cpu_ddp_trains_and_writes_one_key(name: str, tmp_path: Path) -> None:
-    """The loss terms run inside the DDP step; USP's detector steps average their gradients over the ranks."""
-    key_path = tmp_path / f"{name}.key"
-    scheme = (
-        USPWatermark(seed=3, key_path=str(key_path))
-        if name == "usp"
-        else CSPWatermark(customers=2, seed=3, key_path=str(key_path))
-    )
-    L.seed_everything(0)
-    model = ImageClassifier(SmallCNN(1, 10, 8))
-    trainer = L.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[scheme],
-    )
-    trainer.fit(model, DigitsDataModule(batch_size=32))
-    assert load_key(key_path).scheme == name
-
-
 def test_csp_keys_are_calibrated_so_unmarked_models_are_not_declared_for_any_customer(
     dm: DigitsDataModule, clean: dict
 ) -> None:

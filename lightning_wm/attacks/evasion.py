@@ -166,8 +166,9 @@ class EvasionAttack(RemovalAttack):
             return
         self.threshold.fill_(float(torch.quantile(errors.float(), self.quantile)))
         flagged = errors > self.threshold
-        self.log("val/acc", torch.where(flagged, correct_evasive, correct).mean(), prog_bar=True)
-        self.log("val/flag_rate", flagged.float().mean())
+        # CatMetric.compute gathers every rank's values: each rank logs the same number, sync_dist only averages it
+        self.log("val/acc", torch.where(flagged, correct_evasive, correct).mean(), prog_bar=True, sync_dist=True)
+        self.log("val/flag_rate", flagged.float().mean(), sync_dist=True)
         super().on_validation_epoch_end()
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
