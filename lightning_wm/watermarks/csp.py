@@ -275,9 +275,13 @@ class CSPWatermark(WatermarkScheme):
     """Customized Soft-label Perturbation (Chien & Shen 2022), with CosWM's keyed cosine (module docstring).
 
     Makes one key per customer. With ``embed`` set, the model is also trained toward the perturbed targets of
-    that customer's key: the term ``λ · KL(q̃ ‖ p_θ)`` where ``q̃`` is the perturbation of the label-smoothed
-    ground truth (the reference distribution), added by :class:`~lightning_wm.mixin.WatermarkMixin`, so the
-    signal lives in the weights and survives their theft. :meth:`serve` wraps any model in a customer's
+    that customer's key: the term ``λ · KL(q̃ ‖ p_θ) + λ_log · (log p_θ,c* − log q̃_c*)²`` where ``q̃`` is the
+    perturbation of the label-smoothed ground truth (the reference distribution), added by
+    :class:`~lightning_wm.mixin.WatermarkMixin`, so the signal lives in the weights and survives their theft. The
+    second term (a deviation, measured) regresses the target-class log-probability that verification reads: the KL
+    term alone weighs the small target-class probabilities of other classes' inputs by their size, so the model
+    learns their keyed variation poorly (Fashion-MNIST, width 16, 3 epochs: marked z 3.1 with the KL term alone,
+    5.9 with ``log_strength=0.5`` at a 0.4-point accuracy cost, 6.5 with 2.0 at a 3.5-point cost). :meth:`serve` wraps any model in a customer's
     :class:`CSPHead` for an API. Verify with ``key.verify(suspect)`` (black-box probabilities).
 
     Args:
@@ -287,7 +291,8 @@ class CSPWatermark(WatermarkScheme):
             the model and its students, high enough to stand apart from class structure.
         amplitude: ε.
         target_class: c* of every customer (None: a random class per customer).
-        strength: λ of the baked term.
+        strength: λ of the baked KL term.
+        log_strength: λ_log of the baked log-space term on the target class (0 turns it off).
         label_smoothing: smoothing of the reference distribution before perturbation.
         num_queries: verification queries kept in the key (taken from ``query_split`` of the DataModule).
         query_split: the DataModule split the queries come from. The owner's own training data by default: a
@@ -318,6 +323,7 @@ class CSPWatermark(WatermarkScheme):
         amplitude: float = 0.2,
         target_class: int | None = None,
         strength: float = 2.0,
+        log_strength: float = 0.5,
         label_smoothing: float = 0.1,
         num_queries: int = 1000,
         query_split: str = "defender",
@@ -345,7 +351,10 @@ class CSPWatermark(WatermarkScheme):
         self.frequency = frequency
         self.amplitude = amplitude
         self.target_class = target_class
+        if strength < 0 or log_strength < 0:
+            raise ValueError(f"strength and log_strength must be >= 0, got {strength} and {log_strength}")
         self.strength = strength
+        self.log_strength = log_strength
         self.label_smoothing = label_smoothing
         self.num_queries = num_queries
         self.query_split = query_split
@@ -479,5 +488,8 @@ class CSPWatermark(WatermarkScheme):
             reference = F.one_hot(y, k).float() * (1.0 - self.label_smoothing) + self.label_smoothing / k
             target = self.key.perturb(reference, x.float(), self.embed)
             log_p = F.log_softmax(logits.float(), dim=-1)
-            loss = F.kl_div(log_p, target, reduction="batchmean")
-        return self.strength * loss
+            loss = self.strength * F.kl_div(log_p, target, reduction="batchmean")
+            if self.log_strength > 0:
+                c = int(self.key.tensors["target"][self.key.index(self.embed)])
+                loss = loss + self.log_strength * F.mse_loss(log_p[:, c], target[:, c].log())
+        return loss
