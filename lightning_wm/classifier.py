@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_wm.mixin import WatermarkMixin
+from lightning_wm.models.hidden import HiddenModule
 
 
 class ClassifierSteps(L.LightningModule):
@@ -100,7 +101,7 @@ class ImageClassifier(WatermarkMixin, ClassifierSteps):
         self.backbone = backbone
         if pretrained is not None:
             self.backbone.load_state_dict(_load_backbone(pretrained, backbone).state_dict())
-        self.teacher = _load_backbone(teacher, backbone).requires_grad_(False) if teacher is not None else None
+        self._teacher = HiddenModule(_load_backbone(teacher, backbone)) if teacher is not None else None
         self.temperature = temperature
         self.num_classes = num_classes
         self.optimizer = optimizer
@@ -109,18 +110,23 @@ class ImageClassifier(WatermarkMixin, ClassifierSteps):
         self.val_accuracy = MeanMetric()
         self.test_accuracy = MeanMetric()
 
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen teacher (``teacher=``), kept out of ``parameters()``, ``state_dict()`` and checkpoints: it is
+        reloaded from its checkpoint path, recorded in the hyperparameters."""
+        return self._teacher.module if self._teacher is not None else None
+
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         x, y = batch[0], batch[1]
         logits = self(x)
-        if self.teacher is None:
+        if self._teacher is None:
             loss = F.cross_entropy(logits, y)
         else:
-            self.teacher.eval()
             with torch.no_grad():
-                soft_labels = torch.softmax(self.teacher(x) / self.temperature, dim=-1)
+                soft_labels = torch.softmax(self._teacher(x).float() / self.temperature, dim=-1)
             log_probs = F.log_softmax(logits / self.temperature, dim=-1)
             loss = F.kl_div(log_probs, soft_labels, reduction="batchmean") * self.temperature**2
         self.train_accuracy(logits.argmax(-1) == y)

@@ -332,8 +332,10 @@ def test_the_three_embedding_situations_run_from_their_configs(tmp_path, monkeyp
         projection = load_key(key).tensors["projection"]
         assert not any(t.numel() == projection.numel() for t in _tensors(state))
     student = load_classifier("outputs/digits/uchida_distill/last.ckpt")
-    assert student.teacher is not None
-    assert _test_acc(student) > 0.8
+    assert student.teacher is not None, "the teacher is reloaded from the path in the hyperparameters"
+    distilled = torch.load("outputs/digits/uchida_distill/last.ckpt", map_location="cpu", weights_only=True)
     tuned = load_classifier("outputs/digits/uchida_finetune/last.ckpt")
+    assert set(distilled["state_dict"]) == set(tuned.state_dict()), "the student's checkpoint holds no teacher"
+    assert _test_acc(student) > 0.8
     assert _test_acc(tuned) > 0.9
     assert math.isfinite(load_key("outputs/digits/uchida.key").verify(tuned).p_value)

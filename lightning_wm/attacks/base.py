@@ -8,7 +8,6 @@ outside the attack's parameters and checkpoints, the attacked model's accuracy a
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_wm.classifier import ClassifierSteps, load_classifier
+from lightning_wm.models.hidden import HiddenModule
 from lightning_wm.models.reinit import clone_module
 from lightning_wm.verify.blackbox import BlackBoxModel
 
@@ -50,27 +50,6 @@ def last_linear(model: nn.Module) -> nn.Linear:
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to treat as its last layer")
     return linears[-1]
-
-
-class HiddenModule(nn.Module):
-    """Carries a module along with the attack's device and dtype, invisible to everything else.
-
-    The black-box threat model: the attacker queries the victim but holds none of its weights. The wrapped module
-    follows the Trainer's ``.to(device)`` / precision casts of the attack (``_apply`` is forwarded), yet it is not
-    a registered child: it is absent from ``parameters()`` (so no optimizer or DDP sees it), from ``state_dict()``
-    (so no checkpoint holds it) and from ``train()`` (it stays in eval mode).
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        object.__setattr__(self, "module", module.eval().requires_grad_(False))
-
-    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> HiddenModule:
-        self.module._apply(fn, recurse)
-        return self
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.module(x)
 
 
 class RemovalAttack(ClassifierSteps):

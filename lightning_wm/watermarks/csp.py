@@ -281,8 +281,9 @@ class CSPWatermark(WatermarkScheme):
     second term (a deviation, measured) regresses the target-class log-probability that verification reads: the KL
     term alone weighs the small target-class probabilities of other classes' inputs by their size, so the model
     learns their keyed variation poorly (Fashion-MNIST, width 16, 3 epochs: marked z 3.1 with the KL term alone,
-    5.9 with ``log_strength=0.5`` at a 0.4-point accuracy cost, 6.5 with 2.0 at a 3.5-point cost). :meth:`serve` wraps any model in a customer's
-    :class:`CSPHead` for an API. Verify with ``key.verify(suspect)`` (black-box probabilities).
+    5.9 with ``log_strength=0.5`` at a 0.4-point accuracy cost, 6.5 with 2.0 at a 3.5-point cost).
+    :meth:`serve` wraps any model in a customer's :class:`CSPHead` for an API. Verify with ``key.verify(suspect)``
+    (black-box probabilities).
 
     Args:
         customers: customer names, or their number (named ``customer0``...).
