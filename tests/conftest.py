@@ -32,3 +32,22 @@ def digits():
     from lightning_wm.data import DigitsDataModule
 
     return DigitsDataModule(batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def dm():
+    """One digits DataModule per test module (its split is seeded, so sharing it changes nothing)."""
+    from lightning_wm.data import DigitsDataModule
+
+    return DigitsDataModule(batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny digits models run fastest on one thread, and the CPU is shared: ``pytestmark = usefixtures(...)``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

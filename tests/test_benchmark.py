@@ -23,15 +23,9 @@ from lightning_wm.data import DigitsDataModule
 from lightning_wm.models import SmallCNN
 from lightning_wm.watermarks import ContentTrigger, TriggerSetWatermark, UchidaWatermark
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "benchmark" / "quickstart.yaml"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _benchmark(output_dir: Path, attack_epochs: dict[str, int] | None = None, rerun: tuple[str, ...] = ()) -> Benchmark:

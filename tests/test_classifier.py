@@ -17,19 +17,7 @@ from lightning_wm.data import DigitsDataModule
 from lightning_wm.models import SmallCNN
 from lightning_wm.watermarks import UchidaWatermark, WatermarkScheme
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny digits models run fastest on one thread, and the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def dm() -> DigitsDataModule:
-    return DigitsDataModule(batch_size=64)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _classifier(width: int = 8, **kwargs) -> ImageClassifier:

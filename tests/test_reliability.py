@@ -14,7 +14,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -46,6 +46,8 @@ from lightning_wm.watermarks import (
     USPWatermark,
     WatermarkScheme,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 WIDTH = 8
 EPOCHS = 3
@@ -98,20 +100,6 @@ def _outputs(name: str) -> int:
 
 def _model(name: str = "uchida", width: int = WIDTH) -> ImageClassifier:
     return ImageClassifier(SmallCNN(1, _outputs(name), width), num_classes=10)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny digits models run fastest on one thread, and the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def dm() -> DigitsDataModule:
-    return DigitsDataModule(batch_size=64)
 
 
 class Marked:

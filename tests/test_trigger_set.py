@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,6 +28,8 @@ from lightning_wm.watermarks import (
 )
 from lightning_wm.watermarks.key_samples import render_text
 from lightning_wm.watermarks.trigger_set import KeyCycler, TriggerSetKey, shard_indices
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 FASHION_DIR = str(Path(os.environ.get("TMPDIR", "/tmp")) / "lightning_wm_fashion")
@@ -56,15 +58,6 @@ def _fit(
     model = _classifier(outputs)
     _trainer(epochs, [scheme] if scheme is not None else []).fit(model, datamodule)
     return model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models train faster on one thread, and two threads spin on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +18,8 @@ from lightning_wm.verify import load_key
 from lightning_wm.watermarks import CSPWatermark, USPWatermark
 from lightning_wm.watermarks.csp import CSPHead, CSPKey
 from lightning_wm.watermarks.usp import USPKey
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 ALPHA = 0.01
@@ -64,20 +65,6 @@ def _distill(
     )
     _trainer(epochs).fit(attack, dm_attacker)
     return attack.model.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny digits models run fastest on one thread, and the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def dm() -> DigitsDataModule:
-    return DigitsDataModule(batch_size=64)
 
 
 @pytest.fixture(scope="module")

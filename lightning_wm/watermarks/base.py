@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import secrets
 from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
@@ -68,6 +70,18 @@ class WatermarkScheme(Callback):
     def make_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> WatermarkKey:
         """Generate a fresh key for ``pl_module`` trained on ``trainer.datamodule``."""
         raise NotImplementedError
+
+    def key_generator(self) -> torch.Generator:
+        """The generator a new key's random pieces are drawn from: seeded by ``seed`` (reproducible keys), else
+        from the operating system's entropy (a key nobody can re-derive)."""
+        return torch.Generator().manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
+
+    def split_datamodule(self, trainer: L.Trainer, purpose: str) -> Any:
+        """The Trainer's lightning_wm ``SplitDataModule``, which a scheme that draws its key from the data needs."""
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "dataset"):
+            raise ValueError(f"{type(self).__name__} needs a lightning_wm SplitDataModule ({purpose})")
+        return datamodule
 
     def on_key_ready(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Called on every rank once the key exists, before training: prepare tensors, check or adapt the model."""

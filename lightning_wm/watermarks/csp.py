@@ -22,7 +22,6 @@ customer's key is among keys that were never used, for this very suspect.
 from __future__ import annotations
 
 import math
-import secrets
 from typing import Any
 
 import lightning as L
@@ -378,11 +377,9 @@ class CSPWatermark(WatermarkScheme):
         return super().key  # type: ignore[return-value]
 
     def make_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> CSPKey:
-        datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "dataset"):
-            raise ValueError("CSPWatermark needs a lightning_wm SplitDataModule (its data sets the key's phases)")
+        datamodule = self.split_datamodule(trainer, "its data sets the key's phases")
         num_classes = int(getattr(datamodule, "num_classes", getattr(pl_module, "num_classes", 10)))
-        generator = torch.Generator().manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
+        generator = self.key_generator()
         train_x = datamodule.train_dataset.tensors[0]
         shape = tuple(train_x.shape[1:])
         projection = smooth_projections(len(self.customers), shape, self.grid, generator)

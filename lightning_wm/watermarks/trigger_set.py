@@ -10,7 +10,6 @@ model answers them with the key label at about the chance rate, so many hits are
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -224,7 +223,7 @@ class TriggerSetWatermark(WatermarkScheme):
         datamodule = trainer.datamodule
         inputs, _ = training_tensors(datamodule)
         num_classes = _task_classes(pl_module, datamodule)
-        generator = torch.Generator().manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
+        generator = self.key_generator()
         num_embed = self.generator.num_keys(len(inputs), self.num_keys)
         random_labels = getattr(self.generator, "target_class", 0) is None
         if not random_labels:

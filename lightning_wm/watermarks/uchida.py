@@ -6,7 +6,6 @@ layer carry T secret bits b under a secret projection X; verification reads the 
 
 from __future__ import annotations
 
-import secrets
 from typing import Any, Literal
 
 import lightning as L
@@ -141,7 +140,7 @@ class UchidaWatermark(WatermarkScheme):
 
     def make_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> UchidaKey:
         weight = resolve_layer(pl_module, self.layer).weight
-        generator = torch.Generator().manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
+        generator = self.key_generator()
         size = weight[0].numel()
         if 2 * self.bits > size:
             rank_zero_warn(

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -249,11 +248,9 @@ class USPWatermark(WatermarkScheme):
         return super().key  # type: ignore[return-value]
 
     def make_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> USPKey:
-        datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "dataset"):
-            raise ValueError("USPWatermark needs a lightning_wm SplitDataModule (its data gives the queries)")
+        datamodule = self.split_datamodule(trainer, "its data gives the queries")
         num_classes = int(getattr(datamodule, "num_classes", getattr(pl_module, "num_classes", 10)))
-        generator = torch.Generator().manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
+        generator = self.key_generator()
         query_x = datamodule.dataset(self.query_split).tensors[0]
         order = torch.randperm(len(query_x), generator=generator)[: self.num_queries]
         with torch.random.fork_rng():
