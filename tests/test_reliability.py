@@ -616,6 +616,7 @@ def _per_rank_batch(kwargs: dict) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.ddp
 @pytest.mark.parametrize("name", PARAMS)
 def test_every_scheme_under_two_process_ddp_gives_the_single_process_verdict(
     name: str, tmp_path: Path, clean_models: dict[int, ImageClassifier]
@@ -662,6 +663,7 @@ ATTACKED_SCHEME = {
 
 
 @pytest.mark.slow
+@pytest.mark.ddp
 @pytest.mark.parametrize("name", list(ATTACKED_SCHEME))
 def test_every_attack_under_two_process_ddp_gives_the_single_process_verdict(
     name: str, marked: Callable[[str], Marked]

@@ -289,6 +289,7 @@ class _ShardRecordingTriggerSet(TriggerSetWatermark):
 
 
 @pytest.mark.slow
+@pytest.mark.ddp
 def test_two_process_ddp_shards_the_keys_and_embeds_the_watermark(tmp_path: Path) -> None:
     key_path = tmp_path / "ddp.key"
     scheme = _ShardRecordingTriggerSet(
