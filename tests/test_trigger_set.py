@@ -228,6 +228,20 @@ def test_content_trigger_stamps_text_or_patch_and_rejects_unknown_letters(digits
         ContentTrigger(text="T3ST")
 
 
+def test_content_trigger_on_a_dark_box_is_visible_on_bright_images() -> None:
+    """White strokes vanish on a white garment; on a dark box they show on any image."""
+    bright = torch.ones(1, 28, 28)
+    for background, visible in ((None, False), (0.0, True)):
+        pixels, mask = ContentTrigger(background=background).stamp((1, 28, 28))
+        stamped = bright * (1 - mask) + pixels * mask
+        assert (not torch.equal(stamped, bright)) == visible, background
+    pixels, mask = ContentTrigger(background=0.0).stamp((1, 28, 28))
+    box = mask.bool()
+    assert pixels[box].eq(1.0).any()
+    assert pixels[box].eq(0.0).any()
+    assert int(box.sum()) == int(box.any(dim=1).sum()) * int(box.any(dim=2).sum()), "the box is a rectangle"
+
+
 def test_key_file_round_trip_verifies_the_same(digits: DigitsDataModule, tmp_path: Path) -> None:
     key_path = tmp_path / "owner.key"
     scheme = TriggerSetWatermark(NoiseTrigger(), num_keys=40, num_verify=40, seed=5, key_path=str(key_path))

@@ -122,6 +122,9 @@ class ContentTrigger(KeySampleGenerator):
             tensor or an image file. Its channels must be 1 or the images' channels, and it must fit the image.
         size: width of the stamped text as a fraction of the image width.
         value: pixel value of the text's strokes.
+        background: pixel value of a box filling the text's bounding box (e.g. 0.0: a dark label behind bright
+            text, visible on bright images too, where bright strokes alone vanish); None stamps the strokes only,
+            as Zhang et al. do.
         position: ``(top, left)`` of the stamp; None puts it at the bottom centre.
     """
 
@@ -133,6 +136,7 @@ class ContentTrigger(KeySampleGenerator):
         patch: str | Tensor | None = None,
         size: float = 0.6,
         value: float = 1.0,
+        background: float | None = None,
         position: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(target_class=target_class, source_class=source_class)
@@ -145,11 +149,13 @@ class ContentTrigger(KeySampleGenerator):
         self.patch = patch
         self.size = size
         self.value = value
+        self.background = background
         self.position = position
 
     def config(self) -> dict[str, Any]:
         stamp = {"text": self.text} if self.patch is None else {"patch": "given"}
-        return {**super().config(), **stamp, "size": self.size, "position": self.position}
+        options = {"size": self.size, "background": self.background, "position": self.position}
+        return {**super().config(), **stamp, **options}
 
     def stamp(self, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """The stamp's pixels and opacity mask (both ``(C, H, W)``) for images of ``shape``."""
@@ -160,6 +166,9 @@ class ContentTrigger(KeySampleGenerator):
             h = max(1, min(height, round(w * glyphs.shape[0] / glyphs.shape[1])))
             mask = F.interpolate(glyphs[None, None], size=(h, w), mode="area")[0, 0].gt(0.25).float()
             pixels = torch.full((channels, h, w), float(self.value))
+            if self.background is not None:
+                pixels = torch.where(mask.bool(), pixels, torch.full_like(pixels, float(self.background)))
+                mask = torch.ones(h, w)
         else:
             pixels = _as_patch(self.patch, channels)
             h, w = pixels.shape[-2:]
