@@ -27,13 +27,6 @@ def fast_trainer(max_epochs: int = 1, callbacks: list | None = None, **kwargs) -
     return L.Trainer(**options)
 
 
-@pytest.fixture
-def digits():
-    from lightning_wm.data import DigitsDataModule
-
-    return DigitsDataModule(batch_size=64)
-
-
 @pytest.fixture(scope="module")
 def dm():
     """One digits DataModule per test module (its split is seeded, so sharing it changes nothing)."""

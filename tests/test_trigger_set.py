@@ -98,12 +98,12 @@ def test_marked_model_is_declared_and_clean_model_is_not(
     assert not clean.is_watermarked, clean
 
 
-def test_new_label_keys_carry_the_new_class_and_its_chance_rate(digits: DigitsDataModule) -> None:
+def test_new_label_keys_carry_the_new_class_and_its_chance_rate(dm: DigitsDataModule) -> None:
     scheme = TriggerSetWatermark(NewLabelTrigger(alpha_fraction=0.1), num_verify=20, seed=3)
-    _trainer(1, [scheme], limit_train_batches=1).fit(_classifier(11), digits)
+    _trainer(1, [scheme], limit_train_batches=1).fit(_classifier(11), dm)
     key = scheme.key
     assert set(key.tensors["embed_labels"].tolist()) == {10} == set(key.tensors["verify_labels"].tolist())
-    assert len(key.tensors["embed_labels"]) == round(0.1 * len(digits.train_dataset))
+    assert len(key.tensors["embed_labels"]) == round(0.1 * len(dm.train_dataset))
     assert key.config["chance"] == pytest.approx(1 / 11)
     assert key.tensors["generator_delta"].abs().eq(1).all()
 
@@ -125,9 +125,9 @@ def test_key_cycler_visits_its_whole_shard_before_repeating() -> None:
     assert sorted(second_pass.tolist()) == shard.tolist()
 
 
-def test_each_rank_injects_only_its_own_shard(digits: DigitsDataModule) -> None:
+def test_each_rank_injects_only_its_own_shard(dm: DigitsDataModule) -> None:
     scheme = TriggerSetWatermark(ContentTrigger(), num_keys=12, num_verify=4, keys_per_batch=3, seed=0)
-    _trainer(1, [scheme], limit_train_batches=1).fit(_classifier(10), digits)
+    _trainer(1, [scheme], limit_train_batches=1).fit(_classifier(10), dm)
     keys = scheme.key.tensors["embed_inputs"]
     for rank in range(2):
         scheme._cycler = None
@@ -156,26 +156,26 @@ class _BatchSizes(L.Callback):
         self.sizes["val"].append(len(batch[0]))
 
 
-def test_keys_enter_training_batches_only(digits: DigitsDataModule) -> None:
+def test_keys_enter_training_batches_only(dm: DigitsDataModule) -> None:
     sizes = _BatchSizes()
     scheme = TriggerSetWatermark(ContentTrigger(), num_keys=20, num_verify=10, keys_per_batch=5, seed=0)
     trainer = _trainer(1, [scheme, sizes], limit_train_batches=2, limit_val_batches=2)
-    trainer.fit(_classifier(10), digits)
+    trainer.fit(_classifier(10), dm)
     assert sizes.sizes["train"] == [64 + 5, 64 + 5]
     assert sizes.sizes["val"] == [64, 64]
 
 
-def test_batch_that_is_not_a_mutable_list_is_a_clear_error(digits: DigitsDataModule) -> None:
+def test_batch_that_is_not_a_mutable_list_is_a_clear_error(dm: DigitsDataModule) -> None:
     scheme = TriggerSetWatermark(ContentTrigger(), num_keys=8, num_verify=4, seed=0)
-    _trainer(1, [scheme], limit_train_batches=1).fit(_classifier(10), digits)
+    _trainer(1, [scheme], limit_train_batches=1).fit(_classifier(10), dm)
     with pytest.raises(TypeError, match=r"list \[x, y, \.\.\.\]"):
         scheme.on_train_batch_start(SimpleNamespace(global_rank=0, world_size=1), None, (torch.zeros(2), None), 0)
 
 
-def test_checkpoint_holds_no_key_tensor(digits: DigitsDataModule, tmp_path: Path) -> None:
+def test_checkpoint_holds_no_key_tensor(dm: DigitsDataModule, tmp_path: Path) -> None:
     scheme = TriggerSetWatermark(ContentTrigger(), num_keys=20, num_verify=20, seed=0, key_path=str(tmp_path / "k"))
     trainer = _trainer(1, [scheme])
-    trainer.fit(_classifier(10), digits)
+    trainer.fit(_classifier(10), dm)
     trainer.save_checkpoint(tmp_path / "model.ckpt")
     checkpoint = torch.load(tmp_path / "model.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["callbacks"], "the scheme's fingerprint should be in the checkpoint"
@@ -201,10 +201,10 @@ def _all_tensors(obj: object) -> list[torch.Tensor]:
     return []
 
 
-def test_new_label_with_k_outputs_says_what_to_set(digits: DigitsDataModule) -> None:
+def test_new_label_with_k_outputs_says_what_to_set(dm: DigitsDataModule) -> None:
     scheme = TriggerSetWatermark(NewLabelTrigger(alpha_fraction=0.05), seed=0)
     with pytest.raises(ValueError, match=r"K\+1 = 11 outputs.*num_classes to 11"):
-        _trainer(1, [scheme], limit_train_batches=1).fit(_classifier(10), digits)
+        _trainer(1, [scheme], limit_train_batches=1).fit(_classifier(10), dm)
 
 
 @pytest.mark.parametrize(
@@ -212,14 +212,14 @@ def test_new_label_with_k_outputs_says_what_to_set(digits: DigitsDataModule) -> 
     [(torch.ones(3, 3, 3), "3 channels, the images have 1"), (torch.ones(10, 4), "does not fit"), (torch.ones(2), "")],
 )
 def test_trigger_patch_of_the_wrong_shape_is_a_clear_error(
-    patch: torch.Tensor, message: str, digits: DigitsDataModule
+    patch: torch.Tensor, message: str, dm: DigitsDataModule
 ) -> None:
     scheme = TriggerSetWatermark(ContentTrigger(patch=patch), num_keys=8, num_verify=8, seed=0)
     with pytest.raises(ValueError, match=message or "must be"):
-        _trainer(1, [scheme], limit_train_batches=1).fit(_classifier(10), digits)
+        _trainer(1, [scheme], limit_train_batches=1).fit(_classifier(10), dm)
 
 
-def test_content_trigger_stamps_text_or_patch_and_rejects_unknown_letters(digits: DigitsDataModule) -> None:
+def test_content_trigger_stamps_text_or_patch_and_rejects_unknown_letters(dm: DigitsDataModule) -> None:
     assert render_text("TEST").shape == (5, 15)
     pixels, mask = ContentTrigger(patch=torch.full((1, 2, 2), 0.5), position=(0, 0)).stamp((1, 8, 8))
     assert mask.sum() == 4
@@ -242,10 +242,10 @@ def test_content_trigger_on_a_dark_box_is_visible_on_bright_images() -> None:
     assert int(box.sum()) == int(box.any(dim=1).sum()) * int(box.any(dim=2).sum()), "the box is a rectangle"
 
 
-def test_key_file_round_trip_verifies_the_same(digits: DigitsDataModule, tmp_path: Path) -> None:
+def test_key_file_round_trip_verifies_the_same(dm: DigitsDataModule, tmp_path: Path) -> None:
     key_path = tmp_path / "owner.key"
     scheme = TriggerSetWatermark(NoiseTrigger(), num_keys=40, num_verify=40, seed=5, key_path=str(key_path))
-    model = _fit(digits, scheme, 10, 3)
+    model = _fit(dm, scheme, 10, 3)
     loaded = load_key(key_path)
     assert isinstance(loaded, TriggerSetKey)
     assert loaded.fingerprint() == scheme.key.fingerprint()
@@ -257,7 +257,7 @@ def test_key_file_round_trip_verifies_the_same(digits: DigitsDataModule, tmp_pat
     assert labels_only.queries == 40
 
     again = TriggerSetWatermark(NoiseTrigger(), num_keys=40, num_verify=40, seed=99, key_path=str(key_path))
-    _trainer(1, [again], limit_train_batches=1).fit(_classifier(10), digits)
+    _trainer(1, [again], limit_train_batches=1).fit(_classifier(10), dm)
     assert again.key.fingerprint() == loaded.fingerprint()
 
 
