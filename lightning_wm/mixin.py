@@ -31,7 +31,8 @@ def _adds_watermark_loss(step: Callable[..., Any]) -> Callable[..., Any]:
 class WatermarkMixin:
     """Add the loss terms of the attached watermark schemes to ``training_step``'s loss.
 
-    Mix it into any LightningModule, in any base order: every ``training_step`` a subclass defines is wrapped, so
+    Mix it into any LightningModule, in any base order: every ``training_step`` a subclass defines or inherits
+    (``class Marked(WatermarkMixin, Existing): pass``) is wrapped, so
     the scheme terms are computed inside the step, hence inside DDP's forward and inside autocast, once per
     micro-batch (Lightning divides by ``accumulate_grad_batches``, so a term counts once per optimizer step), and
     never in a callback's own ``backward()`` (which breaks DDP). Schemes are the
@@ -52,8 +53,8 @@ class WatermarkMixin:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        step = cls.__dict__.get("training_step")
-        if step is not None and not getattr(step, "_adds_watermark_loss", False):
+        step = getattr(cls, "training_step", None)
+        if callable(step) and not getattr(step, "_adds_watermark_loss", False):
             cls.training_step = _adds_watermark_loss(step)  # type: ignore[method-assign]
 
     @property
@@ -78,6 +79,7 @@ class WatermarkMixin:
             seen[name] = seen.get(name, 0) + 1
             label = name if seen[name] == 1 else f"{name}_{seen[name]}"
             term = scheme.training_loss(self, batch, output)  # type: ignore[arg-type]
+            scheme.loss_reached = True
             if term is None:
                 continue
             self.log(f"wm/{label}/loss", term.detach(), on_step=True, on_epoch=False)  # type: ignore[attr-defined]

@@ -79,6 +79,14 @@ class RemovalAttack(ClassifierSteps):
 
     model: nn.Module
 
+    exposes_weights: bool = True
+    """Whether the attacked model is handed over as weights; False for an attack that serves it behind an API, so
+    a white-box key raises :class:`~lightning_wm.verify.NotApplicable` on it."""
+
+    def prepare(self, scheme: Any) -> None:
+        """Called by the benchmark with the owner's scheme before ``fit``: an attack that needs to know the scheme
+        (overwriting embeds one of its own) sets itself up here; by default nothing."""
+
     @property
     def queries(self) -> int:
         """Queries sent to the black-box victim by this process so far."""

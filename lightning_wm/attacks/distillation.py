@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from lightning_wm.attacks.base import RemovalAttack, Victim, last_linear, load_victim
 from lightning_wm.models.reinit import reinitialised_copy
+from lightning_wm.registry import AttackSpec
 
 ApiOutput = Literal["probs", "labels"]
 
@@ -56,7 +58,7 @@ class DistillationAttack(RemovalAttack):
             architecture, re-initialised (the attacker knows the architecture, not the weights).
         temperature: T of the served probabilities and of the student's softmax.
         output: ``probs`` (soft labels) or ``labels`` (top-1 only).
-        alpha: weight of the distillation term; ``1 - alpha`` goes to the true-label cross-entropy.
+        soft_weight: weight of the distillation term; ``1 - soft_weight`` goes to the true-label cross-entropy.
         query_budget: stop training once this many queries were spent (per process under DDP); None: no limit.
         optimizer: optimizer factory.
         lr_scheduler: optional scheduler factory.
@@ -71,15 +73,15 @@ class DistillationAttack(RemovalAttack):
         student: nn.Module | None = None,
         temperature: float = 3.0,
         output: ApiOutput = "probs",
-        alpha: float = 1.0,
+        soft_weight: float = 1.0,
         query_budget: int | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         if output not in ("probs", "labels"):
             raise ValueError(f"output must be 'probs' or 'labels', got {output!r}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if not 0.0 <= soft_weight <= 1.0:
+            raise ValueError(f"soft_weight must be in [0, 1], got {soft_weight}")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if query_budget is not None and query_budget < 1:
@@ -92,7 +94,7 @@ class DistillationAttack(RemovalAttack):
         self.save_hyperparameters(ignore=["victim", "student", "optimizer", "lr_scheduler"])
         self.temperature = temperature
         self.output = output
-        self.alpha = alpha
+        self.soft_weight = soft_weight
         self.query_budget = query_budget
         self.model = copy.deepcopy(student)
         self.black_box(teacher, output=output, temperature=temperature)
@@ -120,7 +122,8 @@ class DistillationAttack(RemovalAttack):
             kd = F.kl_div(F.log_softmax(logits.float() / t, dim=-1), answer, reduction="batchmean") * t * t
         else:
             kd = F.cross_entropy(logits, answer)
-        loss = kd if self.alpha == 1.0 else self.alpha * kd + (1.0 - self.alpha) * F.cross_entropy(logits, y)
+        w = self.soft_weight
+        loss = kd if w == 1.0 else w * kd + (1.0 - w) * F.cross_entropy(logits, y)
         self.log("train/loss", loss, prog_bar=True)
         return {"loss": loss, "logits": logits}
 
@@ -132,3 +135,13 @@ def _check_outputs(student: nn.Module, victim: nn.Module, example: Tensor | None
             f"the student ({type(student).__name__}) outputs {student_size} logits but the victim outputs "
             f"{victim_size}: build the student with num_classes={victim_size}"
         )
+
+
+ATTACK = AttackSpec(
+    name="distillation",
+    attack=DistillationAttack,
+    threat_model="black-box",
+    category="model extraction",
+    example=lambda victim: DistillationAttack(victim, temperature=3.0, optimizer=partial(torch.optim.Adam, lr=1e-3)),
+)
+"""The registry entry (entry point ``distillation`` of ``lightning_wm.attacks``)."""

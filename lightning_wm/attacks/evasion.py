@@ -4,6 +4,7 @@ Techniques", 2018; an autoencoder detector as in Namba & Sakuma, AsiaCCS 2019)."
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 from torchmetrics import CatMetric, MeanMetric
 
 from lightning_wm.attacks.base import RemovalAttack, Victim, load_victim
+from lightning_wm.registry import AttackSpec
 
 EvasiveAnswer = Literal["random", "second"]
 
@@ -103,6 +105,8 @@ class EvasionAttack(RemovalAttack):
         self.val_correct_evasive = CatMetric()
         self.test_flags = MeanMetric()
 
+    exposes_weights = False
+
     @property
     def model(self) -> nn.Module:  # type: ignore[override]
         """The evading model (this module): what the attacker's API serves."""
@@ -178,3 +182,13 @@ class EvasionAttack(RemovalAttack):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.detector.parameters())
+
+
+ATTACK = AttackSpec(
+    name="evasion",
+    attack=EvasionAttack,
+    threat_model="api-side",
+    category="input preprocessing",
+    example=lambda victim: EvasionAttack(victim, optimizer=partial(torch.optim.Adam, lr=1e-3)),
+)
+"""The registry entry (entry point ``evasion`` of ``lightning_wm.attacks``)."""

@@ -4,6 +4,7 @@ USENIX Security 2018; settings in papers.md §6.1)."""
 from __future__ import annotations
 
 import copy
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -11,6 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_wm.attacks.base import RemovalAttack, Victim, copy_victim, last_linear
+from lightning_wm.registry import AttackSpec
 
 FineTuneMode = Literal["FTLL", "FTAL", "RTLL", "RTAL"]
 LabelSource = Literal["true", "victim"]
@@ -79,3 +81,13 @@ class FineTuneAttack(RemovalAttack):
         if self.labels == "victim":
             y = self.query(x)
         return self.supervised_step(x, y)
+
+
+ATTACK = AttackSpec(
+    name="fine_tune",
+    attack=FineTuneAttack,
+    threat_model="white-box",
+    category="model modification",
+    example=lambda victim: FineTuneAttack(victim, mode="FTAL", optimizer=partial(torch.optim.SGD, lr=0.01)),
+)
+"""The registry entry (entry point ``fine_tune`` of ``lightning_wm.attacks``)."""

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+from functools import partial
 from typing import Any
 
 import torch
@@ -12,6 +14,7 @@ from torch import Tensor
 
 from lightning_wm.attacks.base import RemovalAttack, Victim, copy_victim
 from lightning_wm.mixin import WatermarkMixin
+from lightning_wm.registry import AttackSpec
 from lightning_wm.watermarks.base import WatermarkScheme
 
 
@@ -28,8 +31,8 @@ class OverwriteAttack(WatermarkMixin, RemovalAttack):
     Args:
         victim: a ``lightning-wm fit`` checkpoint path, an ``ImageClassifier`` or a backbone.
         scheme: the attacker's watermark scheme (same scheme as the owner's, the attacker's key). ``None`` leaves
-            it to be set before ``fit`` with :meth:`set_scheme`, as the benchmark does with a copy of the victim's
-            scheme under a fresh key.
+            it to :meth:`prepare`, which the benchmark calls with the owner's scheme: the attacker then
+            embeds a copy of it under a fresh key.
         optimizer: optimizer factory.
         lr_scheduler: optional scheduler factory.
     """
@@ -47,6 +50,16 @@ class OverwriteAttack(WatermarkMixin, RemovalAttack):
         self.scheme: WatermarkScheme | None = None
         if scheme is not None:
             self.set_scheme(scheme)
+
+    def prepare(self, scheme: WatermarkScheme) -> None:
+        """Without a scheme of its own, the attacker embeds the owner's scheme under a fresh key of its own."""
+        if self.scheme is not None:
+            return
+        attacker_scheme = copy.deepcopy(scheme)
+        attacker_scheme.key_path = None
+        attacker_scheme.seed = None if scheme.seed is None else scheme.seed + 7919
+        attacker_scheme._key = None
+        self.set_scheme(attacker_scheme)
 
     def set_scheme(self, scheme: WatermarkScheme) -> None:
         """Set the attacker's watermark scheme."""
@@ -69,3 +82,13 @@ class OverwriteAttack(WatermarkMixin, RemovalAttack):
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         return self.supervised_step(batch[0], batch[1])
+
+
+ATTACK = AttackSpec(
+    name="overwrite",
+    attack=OverwriteAttack,
+    threat_model="white-box",
+    category="model modification",
+    example=lambda victim: OverwriteAttack(victim, optimizer=partial(torch.optim.Adam, lr=1e-3)),
+)
+"""The registry entry (entry point ``overwrite`` of ``lightning_wm.attacks``)."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 from typing import Any, Literal
 
 import lightning as L
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from lightning_wm.attacks.base import RemovalAttack, Victim, copy_victim
+from lightning_wm.registry import AttackSpec
 from lightning_wm.verify.keys import WatermarkKey
 
 PruneScope = Literal["layer", "global"]
@@ -164,3 +166,13 @@ def prune_sweep(
             row.update(statistic=verdict.statistic, p_value=verdict.p_value, is_watermarked=verdict.is_watermarked)
         rows.append(row)
     return rows
+
+
+ATTACK = AttackSpec(
+    name="prune",
+    attack=PruneAttack,
+    threat_model="white-box",
+    category="model modification",
+    example=lambda victim: PruneAttack(victim, rate=0.5, scope="global", optimizer=partial(torch.optim.SGD, lr=0.01)),
+)
+"""The registry entry (entry point ``prune`` of ``lightning_wm.attacks``)."""

@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_wm.verify.verdict import NotApplicable
+
 Suspect = nn.Module | Callable[[Tensor], Tensor]
 
 
@@ -109,3 +111,43 @@ def check_outputs(probs: Tensor, expected: int, scheme: str) -> None:
             f"the suspect returns {got}, the {scheme} key is for models with {expected} outputs: "
             "query the suspect's class probabilities over the same classes"
         )
+
+
+def white_box_module(suspect: Suspect, scheme: str) -> nn.Module:
+    """The suspect's module, for a scheme that reads weights.
+
+    Raises:
+        NotApplicable: the suspect is a callable, or a module that serves answers only (``exposes_weights`` False,
+            as an attack that puts the stolen model behind an API does).
+    """
+    if not isinstance(suspect, nn.Module) or isinstance(suspect, BlackBoxModel):
+        raise NotApplicable(f"white-box scheme {scheme}: the suspect is a query-only callable and exposes no weights")
+    if not getattr(suspect, "exposes_weights", True):
+        raise NotApplicable(
+            f"white-box scheme {scheme}: the {type(suspect).__name__} serves an API and exposes no weights"
+        )
+    return suspect
+
+
+def degenerate_reason(predicted: Tensor, labels: Tensor, num_classes: int) -> str | None:
+    """Why a suspect's top-1 answers ``predicted`` on clean task inputs (true ``labels``) carry no information, or
+    None when they do.
+
+    A test can be exact and still say nothing about a suspect that answers one class for everything or guesses
+    (verdicts.md, "Degenerate suspects"): its verdict is "undecidable". Near-constant means more than 80% of the
+    answers in one class; chance-level means an accuracy below twice the chance rate ``1/K``.
+    """
+    if len(predicted) == 0:
+        return None
+    counts = torch.bincount(predicted.long().flatten().cpu(), minlength=num_classes)
+    share = float(counts.max()) / len(predicted)
+    accuracy = float((predicted.cpu() == labels.cpu()).float().mean())
+    if share > DEGENERATE_SHARE:
+        return f"the suspect answers class {int(counts.argmax())} to {share:.0%} of clean task inputs (near-constant)"
+    if accuracy < DEGENERATE_ACCURACY_FACTOR / num_classes:
+        return f"the suspect's accuracy on clean task inputs is {accuracy:.1%}, at chance level ({1 / num_classes:.0%})"
+    return None
+
+
+DEGENERATE_SHARE = 0.8
+DEGENERATE_ACCURACY_FACTOR = 2.0

@@ -17,12 +17,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from lightning_wm import registry
 from lightning_wm.verify.blackbox import Suspect
 from lightning_wm.verify.verdict import Verdict
 
 KEY_FORMAT_VERSION = 1
 _MAGIC = b"lightning-wm-key"
-_KEY_CLASSES: dict[str, type[WatermarkKey]] = {}
 
 
 class KeyFileError(ValueError):
@@ -32,7 +32,8 @@ class KeyFileError(ValueError):
 class WatermarkKey:
     """A scheme's secret: its configuration and tensors, and the test that reads the watermark back.
 
-    Subclasses set ``scheme`` (the registry name used in key files) and implement :meth:`verify`.
+    Subclasses set ``scheme`` (the name key files carry) and implement :meth:`verify`; the class that reads a key
+    file is the one a registered scheme (:mod:`lightning_wm.registry`) names for that ``scheme``.
     """
 
     scheme: ClassVar[str] = ""
@@ -40,11 +41,6 @@ class WatermarkKey:
     def __init__(self, config: dict[str, Any], tensors: dict[str, Tensor]) -> None:
         self.config = dict(config)
         self.tensors = {name: t.detach().cpu() for name, t in tensors.items()}
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.scheme:
-            _KEY_CLASSES[cls.scheme] = cls
 
     def verify(self, suspect: Suspect, alpha: float = 0.01) -> Verdict:
         """Test ``suspect`` for this key's watermark at significance level ``alpha``."""
@@ -85,6 +81,8 @@ def load_key(path: str | Path, scheme: str | None = None) -> WatermarkKey:
         KeyFileError: the file is missing, not a key file, of a newer format, tampered with or truncated.
     """
     path = Path(path)
+    if path.is_dir():
+        raise KeyFileError(f"{path} is a directory, not a key file")
     if not path.is_file():
         raise KeyFileError(f"key file {path} does not exist")
     raw = path.read_bytes()
@@ -112,8 +110,8 @@ def load_key(path: str | Path, scheme: str | None = None) -> WatermarkKey:
     name = content["scheme"]
     if scheme is not None and name != scheme:
         raise KeyFileError(f"{path} holds a key of scheme {name!r}, expected {scheme!r}")
-    if name not in _KEY_CLASSES:
-        import lightning_wm.watermarks  # noqa: F401  (registers every scheme's key class)
-    if name not in _KEY_CLASSES:
-        raise KeyFileError(f"{path} holds a key of unknown scheme {name!r}; known: {sorted(_KEY_CLASSES)}")
-    return _KEY_CLASSES[name](content["config"], content["tensors"])
+    try:
+        key_class = registry.key_class(str(name))
+    except registry.RegistryError as err:
+        raise KeyFileError(f"{path} holds a key of unknown scheme {name!r}: {err}") from None
+    return key_class(content["config"], content["tensors"])

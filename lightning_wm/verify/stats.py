@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from scipy import stats
+from scipy import special, stats
 
 
 def binomial_p_value(successes: int, trials: int, chance: float) -> float:
@@ -25,6 +25,25 @@ def binomial_p_value(successes: int, trials: int, chance: float) -> float:
     if successes <= 0:
         return 1.0
     return float(stats.binom.sf(successes - 1, trials, chance))
+
+
+def binomial_log10_p_value(successes: int, trials: int, chance: float) -> float:
+    """log10 of :func:`binomial_p_value`, exact where the p-value itself underflows (a sum of pmf terms in logs)."""
+    if trials <= 0:
+        raise ValueError(f"binomial_log10_p_value needs at least one trial, got {trials}")
+    if successes <= 0:
+        return 0.0
+    if successes > trials:
+        raise ValueError(f"{successes} successes out of {trials} trials")
+    p = binomial_p_value(successes, trials, chance)
+    if p > 1e-250:
+        return math.log10(p)
+    if chance >= 1.0:
+        return 0.0
+    if chance <= 0.0:
+        raise ValueError("a chance rate of 0 gives p = 0 for any success: state a positive rate")
+    log_terms = stats.binom.logpmf(range(successes, trials + 1), trials, chance)
+    return float(special.logsumexp(log_terms)) / math.log(10.0)
 
 
 def binomial_threshold(trials: int, chance: float, alpha: float) -> int:
@@ -46,7 +65,8 @@ def queries_to_significance(hit_rate: float, chance: float, alpha: float = 1e-6,
 
 
 def empirical_p_value(score: float, null_scores: Sequence[float], higher_is_watermarked: bool = True) -> float:
-    """Permutation-style p-value ``(1 + #{null >= score}) / (1 + n)`` against scores of clean models."""
+    """Rank p-value ``(1 + #{null >= score}) / (1 + n)``: exact (a permutation test) when the null scores are the
+    same suspect's scores under secrets drawn like the owner's (verdicts.md), with resolution ``1 / (n + 1)``."""
     if len(null_scores) == 0:
         raise ValueError("empirical_p_value needs at least one null score")
     if higher_is_watermarked:

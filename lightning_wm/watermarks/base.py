@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 import secrets
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,32 +29,47 @@ class WatermarkScheme(Callback):
     resume, that the same key came back) and never the key.
 
     After every validation epoch the scheme verifies the model being trained and logs ``wm/<name>/statistic``,
-    ``wm/<name>/neg_log10_p`` and ``wm/<name>/watermarked``.
+    ``wm/<name>/neg_log10_p`` and ``wm/<name>/watermarked``; ``name`` also labels its fingerprint in the logged
+    hyperparameters and its verdicts, so several schemes (two trigger sets, say) can share one fit.
 
-    Subclasses set ``name``, implement :meth:`make_key`, and override any of :meth:`training_loss` (a term the
-    :class:`~lightning_wm.mixin.WatermarkMixin` adds to the loss), :meth:`on_key_ready` and the Callback hooks.
+    Subclasses set ``key_scheme`` (the scheme name their key files carry), implement :meth:`make_key`, and
+    override any of :meth:`training_loss` (a term the :class:`~lightning_wm.mixin.WatermarkMixin` adds to the
+    loss), :meth:`on_key_ready` and the Callback hooks.
 
     Args:
         key_path: where the key file is written (and read from when it exists).
         seed: makes the key reproducible. Anyone with the config and the seed can rebuild the key: leave it
             ``None`` for a key that exists only in the key file.
         alpha: significance level of the logged verdicts.
+        name: the scheme's label in metric names, hyperparameters and verdicts (default: :meth:`default_name`).
     """
 
-    name: ClassVar[str] = ""
+    key_scheme: ClassVar[str] = ""
 
-    def __init__(self, key_path: str | None = None, seed: int | None = None, alpha: float = 0.01) -> None:
+    def __init__(
+        self, key_path: str | None = None, seed: int | None = None, alpha: float = 0.01, name: str | None = None
+    ) -> None:
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(
+                f"name must be letters, digits, '_', '.' or '-' (it is part of metric names), got {name!r}"
+            )
+        self.name = name or self.default_name()
         self.key_path = key_path
         self.seed = seed
         self.alpha = alpha
         self._key: WatermarkKey | None = None
         self._resumed_fingerprint: str | None = None
+        self.loss_reached = False
+
+    def default_name(self) -> str:
+        """The label used when no ``name`` is given: the key's scheme name."""
+        return self.key_scheme
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(key_path=self.key_path)
+        return self._generate_state_key(name=self.name, key_path=self.key_path)
 
     @property
     def key(self) -> WatermarkKey:
@@ -63,17 +80,17 @@ class WatermarkScheme(Callback):
 
     def set_key(self, key: WatermarkKey) -> None:
         """Use an existing key (e.g. to keep embedding the same watermark in another run)."""
-        if key.scheme != self.name:
-            raise ValueError(f"{type(self).__name__} needs a {self.name!r} key, got a {key.scheme!r} key")
+        if key.scheme != self.key_scheme:
+            raise ValueError(f"{type(self).__name__} needs a {self.key_scheme!r} key, got a {key.scheme!r} key")
         self._key = key
 
     def make_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> WatermarkKey:
         """Generate a fresh key for ``pl_module`` trained on ``trainer.datamodule``."""
         raise NotImplementedError
 
-    def key_generator(self) -> torch.Generator:
-        """The generator a new key's random pieces are drawn from: seeded by ``seed`` (reproducible keys), else
-        from the operating system's entropy (a key nobody can re-derive)."""
+    def key_rng(self) -> torch.Generator:
+        """The random number generator a new key is drawn from: seeded by ``seed`` (reproducible keys), else from
+        the operating system's entropy (a key nobody can re-derive)."""
         return torch.Generator().manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
 
     def split_datamodule(self, trainer: L.Trainer, purpose: str) -> Any:
@@ -90,24 +107,45 @@ class WatermarkScheme(Callback):
         """A term added to the training loss by :class:`~lightning_wm.mixin.WatermarkMixin` (None: no term)."""
         return None
 
+    @property
+    def needs_loss_term(self) -> bool:
+        """Whether this scheme embeds through :meth:`training_loss` (so the model must include the mixin)."""
+        return type(self).training_loss is not WatermarkScheme.training_loss
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.loss_reached or not self.needs_loss_term:
+            return
+        if hasattr(pl_module, "watermark_schemes") and self not in pl_module.watermark_schemes:
+            return  # the module deliberately leaves this scheme out (an overwriting attacker embeds its own only)
+        module = type(pl_module).__name__
+        raise RuntimeError(
+            f"{type(self).__name__}'s loss term did not reach {module}'s training loss, so the model is not being "
+            f"watermarked: {module} must include lightning_wm.WatermarkMixin (class {module}(WatermarkMixin, "
+            "L.LightningModule)) and its training_step must return the loss (or a dict with 'loss')"
+        )
+
     def verify(self, suspect: Suspect, alpha: float | None = None) -> Verdict:
-        """Test ``suspect`` with this scheme's key."""
-        return self.key.verify(suspect, alpha=self.alpha if alpha is None else alpha)
+        """Test ``suspect`` with this scheme's key; the verdict carries this scheme's ``name``."""
+        verdict = self.key.verify(suspect, alpha=self.alpha if alpha is None else alpha)
+        return dataclasses.replace(verdict, scheme=self.name)
 
     def save_key(self, path: str | Path) -> Path:
         """Write this scheme's key file."""
         return self.key.save_key(path)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.loss_reached = False
         if stage != "fit":
             if self._key is None and self.key_path and Path(self.key_path).is_file():
-                self._key = load_key(self.key_path, scheme=self.name)
+                self._key = load_key(self.key_path, scheme=self.key_scheme)
             return
         if self._key is None:
             key = None
             if trainer.is_global_zero:
                 if self.key_path and Path(self.key_path).is_file():
-                    key = load_key(self.key_path, scheme=self.name)
+                    key = load_key(self.key_path, scheme=self.key_scheme)
                 else:
                     key = self.make_key(trainer, pl_module)
                     if self.key_path:

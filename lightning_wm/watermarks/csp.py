@@ -31,6 +31,7 @@ from scipy import stats
 from torch import Tensor, nn
 
 from lightning_wm.models.reinit import reinitialised_copy
+from lightning_wm.registry import SchemeSpec
 from lightning_wm.verify.blackbox import Suspect, check_outputs, query_probs
 from lightning_wm.verify.keys import WatermarkKey
 from lightning_wm.verify.verdict import Verdict
@@ -57,7 +58,7 @@ def perturb(probs: Tensor, x_phase: Tensor, target: int, frequency: float, phase
     return (probs + eps * (1.0 + signal)) / (1.0 + 2.0 * amplitude)
 
 
-def smooth_projections(count: int, shape: tuple[int, ...], grid: int, generator: torch.Generator) -> Tensor:
+def smooth_projections(count: int, shape: tuple[int, ...], grid: int, rng: torch.Generator) -> Tensor:
     """``count`` random unit projections of inputs of ``shape``, flattened.
 
     With ``grid > 0`` each is drawn on a ``grid × grid`` lattice and upsampled (nearest) to the image size: a
@@ -66,10 +67,10 @@ def smooth_projections(count: int, shape: tuple[int, ...], grid: int, generator:
     (csp-probe.md). ``grid = 0`` draws i.i.d. pixel weights.
     """
     if grid > 0 and len(shape) == 3:
-        coarse = torch.randn(count, shape[0], grid, grid, generator=generator)
+        coarse = torch.randn(count, shape[0], grid, grid, generator=rng)
         v = F.interpolate(coarse, size=tuple(shape[1:]), mode="nearest").flatten(1)
     else:
-        v = torch.randn(count, math.prod(shape), generator=generator)
+        v = torch.randn(count, math.prod(shape), generator=rng)
     return v / v.norm(dim=1, keepdim=True)
 
 
@@ -120,9 +121,9 @@ class CSPKey(WatermarkKey):
 
     def null_projections(self, dim: int) -> Tensor:
         """The random unit projections no customer holds, drawn like the customers', whose scores form the null."""
-        generator = torch.Generator().manual_seed(int(self.config["null_seed"]))
+        rng = torch.Generator().manual_seed(int(self.config["null_seed"]))
         shape = tuple(self.config.get("input_shape") or (dim,))
-        return smooth_projections(int(self.config["null_keys"]), shape, int(self.config.get("grid", 0)), generator)
+        return smooth_projections(int(self.config["null_keys"]), shape, int(self.config.get("grid", 0)), rng)
 
     def _correlations(self, probs: Tensor, phases: Tensor, i: int) -> Tensor:
         """Matched-filter correlations of outputs ``probs`` with customer ``i``'s cosine at every column of phases."""
@@ -211,16 +212,15 @@ class CSPKey(WatermarkKey):
             z = (score - mean) / std
             results[name] = {"correlation": score, "z": z, "p_value": float(stats.norm.sf(z))}
         best = max(results, key=lambda n: results[n]["z"])
-        p_value = min(1.0, results[best]["p_value"] * len(names))
-        watermarked = p_value < alpha
-        return Verdict(
+        log10_p = float(stats.norm.logsf(results[best]["z"])) / math.log(10.0) + math.log10(len(names))
+        watermarked = log10_p < math.log10(alpha)
+        return Verdict.decide(
             scheme=self.scheme,
             statistic=results[best]["z"],
             statistic_name="matched_filter_z",
-            p_value=p_value,
+            log10_p=log10_p,
             alpha=alpha,
             threshold=float(stats.norm.isf(alpha / len(names))),
-            is_watermarked=watermarked,
             queries=queries,
             null=(
                 f"the customer's projection is one of {self.config['null_keys']} random unused projections "
@@ -312,10 +312,10 @@ class CSPWatermark(WatermarkScheme):
         calibration_max_z, calibration_tries: a customer projection whose mean z on the references exceeds
             ``calibration_max_z`` in absolute value is redrawn, at most ``calibration_tries`` times (the key's
             ``config["calibration_z"]`` keeps the final values).
-        key_path, seed, alpha: see :class:`~lightning_wm.watermarks.base.WatermarkScheme`.
+        key_path, seed, alpha, name: see :class:`~lightning_wm.watermarks.base.WatermarkScheme`.
     """
 
-    name = "csp"
+    key_scheme = "csp"
 
     def __init__(
         self,
@@ -339,8 +339,9 @@ class CSPWatermark(WatermarkScheme):
         key_path: str | None = None,
         seed: int | None = None,
         alpha: float = 0.01,
+        name: str | None = None,
     ) -> None:
-        super().__init__(key_path=key_path, seed=seed, alpha=alpha)
+        super().__init__(key_path=key_path, seed=seed, alpha=alpha, name=name)
         names = [f"customer{i}" for i in range(customers)] if isinstance(customers, int) else list(customers)
         if not names or len(set(names)) != len(names):
             raise ValueError(f"customers must be distinct names (or a positive count), got {customers!r}")
@@ -381,24 +382,24 @@ class CSPWatermark(WatermarkScheme):
     def make_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> CSPKey:
         datamodule = self.split_datamodule(trainer, "its data sets the key's phases")
         num_classes = int(getattr(datamodule, "num_classes", getattr(pl_module, "num_classes", 10)))
-        generator = self.key_generator()
+        rng = self.key_rng()
         train_x = datamodule.train_dataset.tensors[0]
         shape = tuple(train_x.shape[1:])
-        projection = smooth_projections(len(self.customers), shape, self.grid, generator)
+        projection = smooth_projections(len(self.customers), shape, self.grid, rng)
         scores = train_x.flatten(1).float() @ projection.T
         if self.target_class is None:
-            target = torch.randint(0, num_classes, (len(self.customers),), generator=generator)
+            target = torch.randint(0, num_classes, (len(self.customers),), generator=rng)
         else:
             target = torch.full((len(self.customers),), self.target_class)
         query_x = datamodule.dataset(self.query_split).tensors[0]
-        order = torch.randperm(len(query_x), generator=generator)[: self.num_queries]
+        order = torch.randperm(len(query_x), generator=rng)[: self.num_queries]
         tensors = {
             "projection": projection,
             "mean": scores.mean(0),
             "std": scores.std(0),
             "target": target,
             "frequency": torch.full((len(self.customers),), float(self.frequency)),
-            "phase": torch.rand(len(self.customers), generator=generator) * 2 * math.pi,
+            "phase": torch.rand(len(self.customers), generator=rng) * 2 * math.pi,
             "queries": query_x[order].clone(),
         }
 
@@ -409,7 +410,7 @@ class CSPWatermark(WatermarkScheme):
             "null_keys": self.null_keys,
             "input_shape": list(shape),
             "grid": self.grid,
-            "null_seed": int(torch.randint(0, 2**62, (1,), generator=generator)),
+            "null_seed": int(torch.randint(0, 2**62, (1,), generator=rng)),
             "calibration_references": self.calibration_references,
             "calibration_epochs": self.calibration_epochs,
         }
@@ -429,14 +430,14 @@ class CSPWatermark(WatermarkScheme):
         on clean references trained at key creation predicts that bias (correlation 0.8 on digits, csp_fp.md)..
         """
         t, cal = key.tensors, key.tensors["calibration_probs"]
-        generator = torch.Generator().manual_seed(seed)
+        rng = torch.Generator().manual_seed(seed)
         zs = []
         for i in range(len(self.customers)):
             for _ in range(self.calibration_tries):
                 z = sum(_z(*key.score(ref, t["queries"], i)) for ref in cal) / len(cal)
                 if abs(z) <= self.calibration_max_z:
                     break
-                v = smooth_projections(1, shape, self.grid, generator)[0]
+                v = smooth_projections(1, shape, self.grid, rng)[0]
                 scores = train_x.flatten(1).float() @ v
                 t["projection"][i], t["mean"][i], t["std"][i] = v, scores.mean(), scores.std()
             zs.append(float(z))
@@ -478,6 +479,10 @@ class CSPWatermark(WatermarkScheme):
         """``model`` behind ``customer``'s perturbation head (see :class:`CSPHead`)."""
         return self.key.serve(model, customer)
 
+    @property
+    def needs_loss_term(self) -> bool:
+        return self.embed is not None
+
     def training_loss(self, pl_module: L.LightningModule, batch: Any, output: Any) -> Tensor | None:
         if self.embed is None:
             return None
@@ -493,3 +498,15 @@ class CSPWatermark(WatermarkScheme):
                 c = int(self.key.tensors["target"][self.key.index(self.embed)])
                 loss = loss + self.log_strength * F.mse_loss(log_p[:, c], target[:, c].log())
         return loss
+
+
+SCHEME = SchemeSpec(
+    name="csp",
+    callback=CSPWatermark,
+    key=CSPKey,
+    higher_is_watermarked=True,
+    access="probabilities",
+    example=lambda seed=None, key_path=None: CSPWatermark(customers=2, seed=seed, num_queries=500, key_path=key_path),
+    example_epochs=12,
+)
+"""CSP's registry entry (entry point ``csp`` of ``lightning_wm.schemes``)."""

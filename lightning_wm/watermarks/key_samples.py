@@ -39,6 +39,8 @@ class KeySampleGenerator:
     """
 
     label_kind: ClassVar[str] = "target"
+    name: ClassVar[str] = "trigger_set"
+    """The scheme label a :class:`~lightning_wm.watermarks.TriggerSetWatermark` with this generator gets."""
 
     def __init__(self, target_class: int | None = 0, source_class: int | None = None) -> None:
         if target_class is not None and target_class < 0:
@@ -69,12 +71,12 @@ class KeySampleGenerator:
         """The generator's settings, JSON-able, recorded in the key file."""
         return {"generator": type(self).__name__, "target_class": self.target_class, "source_class": self.source_class}
 
-    def generate(self, datamodule: L.LightningDataModule, count: int, generator: torch.Generator) -> KeySamples:
+    def generate(self, datamodule: L.LightningDataModule, count: int, rng: torch.Generator) -> KeySamples:
         """Make ``count`` key samples, each from a distinct source image of ``datamodule``."""
         raise NotImplementedError
 
     def source_images(
-        self, datamodule: L.LightningDataModule, count: int, generator: torch.Generator, exclude: int | None
+        self, datamodule: L.LightningDataModule, count: int, rng: torch.Generator, exclude: int | None
     ) -> Tensor:
         """``count`` distinct training images in ``[0, 1]`` pixels, of ``source_class`` (or of any class but
         ``exclude``)."""
@@ -93,7 +95,7 @@ class KeySampleGenerator:
                 f"{type(self).__name__} needs {count} distinct source images (embedding + verification keys) but "
                 f"the training set has {len(pool)} of {what}; lower num_keys/num_verify or set source_class: null"
             )
-        chosen = pool[torch.randperm(len(pool), generator=generator)[:count]]
+        chosen = pool[torch.randperm(len(pool), generator=rng)[:count]]
         return datamodule.denormalize(inputs[chosen].float()).clamp(0.0, 1.0)
 
 
@@ -127,6 +129,8 @@ class ContentTrigger(KeySampleGenerator):
             as Zhang et al. do.
         position: ``(top, left)`` of the stamp; None puts it at the bottom centre.
     """
+
+    name: ClassVar[str] = "content"
 
     def __init__(
         self,
@@ -186,8 +190,8 @@ class ContentTrigger(KeySampleGenerator):
         full_mask[:, top : top + h, left : left + w] = mask
         return full_pixels, full_mask
 
-    def generate(self, datamodule: L.LightningDataModule, count: int, generator: torch.Generator) -> KeySamples:
-        images = self.source_images(datamodule, count, generator, exclude=self.target_class)
+    def generate(self, datamodule: L.LightningDataModule, count: int, rng: torch.Generator) -> KeySamples:
+        images = self.source_images(datamodule, count, rng, exclude=self.target_class)
         pixels, mask = self.stamp(tuple(images.shape[1:]))
         keys = images * (1 - mask) + pixels * mask
         return KeySamples(keys, torch.full((count,), self.target_class, dtype=torch.long), {"stamp_mask": mask})
@@ -272,6 +276,8 @@ class NoiseTrigger(KeySampleGenerator):
         sigma: the noise's standard deviation on ``[0, 1]`` pixels.
     """
 
+    name: ClassVar[str] = "noise"
+
     def __init__(self, target_class: int = 0, source_class: int | None = None, sigma: float = 0.5) -> None:
         super().__init__(target_class=target_class, source_class=source_class)
         if sigma <= 0:
@@ -281,9 +287,9 @@ class NoiseTrigger(KeySampleGenerator):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "sigma": self.sigma}
 
-    def generate(self, datamodule: L.LightningDataModule, count: int, generator: torch.Generator) -> KeySamples:
-        images = self.source_images(datamodule, count, generator, exclude=self.target_class)
-        noise = torch.randn(images.shape, generator=generator) * self.sigma
+    def generate(self, datamodule: L.LightningDataModule, count: int, rng: torch.Generator) -> KeySamples:
+        images = self.source_images(datamodule, count, rng, exclude=self.target_class)
+        noise = torch.randn(images.shape, generator=rng) * self.sigma
         keys = (images + noise).clamp(0.0, 1.0)
         return KeySamples(keys, torch.full((count,), self.target_class, dtype=torch.long), {})
 
@@ -309,6 +315,8 @@ class UnrelatedTrigger(KeySampleGenerator):
         source: ``auto``, ``digits`` or ``fashion_mnist``.
         data_dir: where the other dataset is looked for.
     """
+
+    name: ClassVar[str] = "unrelated"
 
     def __init__(
         self,
@@ -342,7 +350,7 @@ class UnrelatedTrigger(KeySampleGenerator):
             raise DatasetNotFoundError(f"UnrelatedTrigger needs Fashion-MNIST as its unrelated images: {err}") from None
         return other
 
-    def generate(self, datamodule: L.LightningDataModule, count: int, generator: torch.Generator) -> KeySamples:
+    def generate(self, datamodule: L.LightningDataModule, count: int, rng: torch.Generator) -> KeySamples:
         inputs, _ = training_tensors(datamodule)
         channels, height, width = inputs.shape[1:]
         other = self.other_datamodule(datamodule)
@@ -355,7 +363,7 @@ class UnrelatedTrigger(KeySampleGenerator):
                 f"UnrelatedTrigger needs {count} distinct images of {type(other).__name__}, it has {len(pool)}; "
                 "lower num_keys/num_verify or set source_class: null"
             )
-        chosen = pool[torch.randperm(len(pool), generator=generator)[:count]]
+        chosen = pool[torch.randperm(len(pool), generator=rng)[:count]]
         images = other.denormalize(other_inputs[chosen].float()).clamp(0.0, 1.0)
         if images.shape[-2:] != (height, width):
             smaller = images.shape[-1] > width
@@ -366,7 +374,7 @@ class UnrelatedTrigger(KeySampleGenerator):
             images = images.mean(dim=1, keepdim=True).expand(-1, channels, -1, -1).clone()
         if self.target_class is None:
             classes = int(getattr(datamodule, "num_classes", 10))
-            labels = torch.randint(0, classes, (count,), generator=generator)
+            labels = torch.randint(0, classes, (count,), generator=rng)
         else:
             labels = torch.full((count,), self.target_class, dtype=torch.long)
         return KeySamples(images, labels, {})

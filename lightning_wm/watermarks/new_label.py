@@ -34,6 +34,7 @@ class NewLabelTrigger(KeySampleGenerator):
     """
 
     label_kind: ClassVar[str] = "new_label"
+    name: ClassVar[str] = "new_label"
 
     def __init__(self, beta: float = 0.2, alpha_fraction: float | None = None, source_class: int | None = None) -> None:
         super().__init__(target_class=0, source_class=source_class)
@@ -66,9 +67,9 @@ class NewLabelTrigger(KeySampleGenerator):
             "alpha_fraction": self.alpha_fraction,
         }
 
-    def generate(self, datamodule: L.LightningDataModule, count: int, generator: torch.Generator) -> KeySamples:
-        images = self.source_images(datamodule, count, generator, exclude=None)
-        delta = torch.randint(0, 2, images.shape[1:], generator=generator).float() * 2 - 1
+    def generate(self, datamodule: L.LightningDataModule, count: int, rng: torch.Generator) -> KeySamples:
+        images = self.source_images(datamodule, count, rng, exclude=None)
+        delta = torch.randint(0, 2, images.shape[1:], generator=rng).float() * 2 - 1
         keys = (images + self.beta * delta).clamp(0.0, 1.0)
         label = self.key_label(int(getattr(datamodule, "num_classes", 10)))
         return KeySamples(keys, torch.full((count,), label, dtype=torch.long), {"delta": delta})

@@ -10,17 +10,18 @@ model answers them with the key label at about the chance rate, so many hits are
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
+from lightning_wm.registry import SchemeSpec
 from lightning_wm.verify.blackbox import Suspect, query_labels
 from lightning_wm.verify.keys import WatermarkKey
 from lightning_wm.verify.stats import (
-    binomial_p_value,
+    binomial_log10_p_value,
     binomial_threshold,
     empirical_p_value,
     normal_null_p_value,
@@ -29,7 +30,14 @@ from lightning_wm.verify.stats import (
 )
 from lightning_wm.verify.verdict import Verdict
 from lightning_wm.watermarks.base import WatermarkScheme
-from lightning_wm.watermarks.key_samples import KeySampleGenerator, training_tensors
+from lightning_wm.watermarks.key_samples import (
+    ContentTrigger,
+    KeySampleGenerator,
+    NoiseTrigger,
+    UnrelatedTrigger,
+    training_tensors,
+)
+from lightning_wm.watermarks.new_label import NewLabelTrigger
 
 NullModel = Literal["empirical", "normal"]
 
@@ -72,20 +80,22 @@ class TriggerSetKey(WatermarkKey):
         accuracy, hits, queries = self.key_accuracy(suspect)
         total = len(self.tensors["verify_labels"])
         chance = float(self.config["chance"]) if chance is None else chance
+        log10_p = None
         if null_accuracies is None:
-            p_value = binomial_p_value(hits, total, chance)
+            p_value = None
+            log10_p = binomial_log10_p_value(hits, total, chance)
             threshold = binomial_threshold(total, chance, alpha) / total
             null = f"an unmarked model gives the key label with probability {chance:.4g} (binomial)"
         else:
             p_value, threshold, null = null_model_test(accuracy, null_accuracies, alpha, null_model)
-        return Verdict(
+        return Verdict.decide(
             scheme=self.scheme,
             statistic=accuracy,
             statistic_name="key_accuracy",
             p_value=p_value,
+            log10_p=log10_p,
             alpha=alpha,
             threshold=threshold,
-            is_watermarked=p_value < alpha,
             queries=queries,
             null=null,
             details={
@@ -186,10 +196,10 @@ class TriggerSetWatermark(WatermarkScheme):
         num_verify: held-out verification keys.
         keys_per_batch: key samples added to each training batch; None uses ``key_ratio``.
         key_ratio: key samples added per batch as a fraction of the batch size (at least one).
-        key_path, seed, alpha: see :class:`~lightning_wm.watermarks.base.WatermarkScheme`.
+        key_path, seed, alpha, name: see :class:`~lightning_wm.watermarks.base.WatermarkScheme`.
     """
 
-    name = "trigger_set"
+    key_scheme = "trigger_set"
 
     def __init__(
         self,
@@ -201,17 +211,18 @@ class TriggerSetWatermark(WatermarkScheme):
         key_path: str | None = None,
         seed: int | None = None,
         alpha: float = 0.01,
+        name: str | None = None,
     ) -> None:
-        super().__init__(key_path=key_path, seed=seed, alpha=alpha)
         if not isinstance(generator, KeySampleGenerator):
             raise TypeError(f"generator must be a KeySampleGenerator, got {type(generator).__name__}")
+        self.generator = generator
+        super().__init__(key_path=key_path, seed=seed, alpha=alpha, name=name)
         if num_keys < 1 or num_verify < 1:
             raise ValueError(f"num_keys and num_verify must be positive, got {num_keys} and {num_verify}")
         if keys_per_batch is not None and keys_per_batch < 1:
             raise ValueError(f"keys_per_batch must be positive, got {keys_per_batch}")
         if not 0.0 < key_ratio <= 1.0:
             raise ValueError(f"key_ratio must be in (0, 1], got {key_ratio}")
-        self.generator = generator
         self.num_keys = num_keys
         self.num_verify = num_verify
         self.keys_per_batch = keys_per_batch
@@ -219,17 +230,21 @@ class TriggerSetWatermark(WatermarkScheme):
         self._cycler: KeyCycler | None = None
         self._device_keys: tuple[Tensor, Tensor] | None = None
 
+    def default_name(self) -> str:
+        """The generator's name: ``content``, ``noise``, ``unrelated``, ``new_label``."""
+        return self.generator.name
+
     def make_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> TriggerSetKey:
         datamodule = trainer.datamodule
         inputs, _ = training_tensors(datamodule)
         num_classes = _task_classes(pl_module, datamodule)
-        generator = self.key_generator()
+        rng = self.key_rng()
         num_embed = self.generator.num_keys(len(inputs), self.num_keys)
         random_labels = getattr(self.generator, "target_class", 0) is None
         if not random_labels:
             self.generator.key_label(num_classes)
         num_held_out = 0 if random_labels else self.num_verify
-        samples = self.generator.generate(datamodule, num_embed + num_held_out, generator)
+        samples = self.generator.generate(datamodule, num_embed + num_held_out, rng)
         if samples.images.shape[1:] != inputs.shape[1:]:
             raise ValueError(
                 f"{type(self.generator).__name__} made keys of shape {tuple(samples.images.shape[1:])}, the model's "
@@ -338,3 +353,30 @@ def _describe(batch: Any) -> str:
     if isinstance(batch, (list, tuple)):
         return f"a {type(batch).__name__} of {len(batch)} " + ", ".join(type(b).__name__ for b in batch[:3])
     return f"a {type(batch).__name__}"
+
+
+def _trigger_example(make_generator: Callable[[], KeySampleGenerator]) -> Callable[..., TriggerSetWatermark]:
+    def example(seed: int | None = None, key_path: str | None = None) -> TriggerSetWatermark:
+        return TriggerSetWatermark(make_generator(), num_keys=40, num_verify=40, seed=seed, key_path=key_path)
+
+    return example
+
+
+def _spec(name: str, make_generator: Callable[[], KeySampleGenerator], extra_outputs: int = 0) -> SchemeSpec:
+    return SchemeSpec(
+        name=name,
+        callback=TriggerSetWatermark,
+        key=TriggerSetKey,
+        higher_is_watermarked=True,
+        access="labels",
+        example=_trigger_example(make_generator),
+        example_outputs=extra_outputs,
+    )
+
+
+CONTENT = _spec("content", lambda: ContentTrigger())
+NOISE = _spec("noise", lambda: NoiseTrigger(sigma=0.5))
+UNRELATED = _spec("unrelated", lambda: UnrelatedTrigger())
+NEW_LABEL = _spec("new_label", lambda: NewLabelTrigger(beta=0.2, alpha_fraction=0.05), extra_outputs=1)
+"""The registry entries of Zhang et al.'s three key types and Zhong et al.'s new label (one callback, four
+generators, as timm registers several variants of one architecture)."""

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_wm.verify.blackbox import Suspect
+from lightning_wm.registry import SchemeSpec
+from lightning_wm.verify.blackbox import Suspect, white_box_module
 from lightning_wm.verify.keys import WatermarkKey
-from lightning_wm.verify.stats import binomial_p_value, binomial_threshold
+from lightning_wm.verify.stats import binomial_log10_p_value, binomial_threshold
 from lightning_wm.verify.verdict import Verdict
 from lightning_wm.watermarks.base import WatermarkScheme, resolve_layer
 
@@ -28,16 +29,16 @@ def filter_mean(weight: Tensor) -> Tensor:
     return weight.float().mean(dim=0).flatten()
 
 
-def make_projection(kind: Projection, bits: int, size: int, generator: torch.Generator) -> Tensor:
+def make_projection(kind: Projection, bits: int, size: int, rng: torch.Generator) -> Tensor:
     """The secret matrix X (T×M) of the three types of the authors' code (papers.md §1.2)."""
     if kind == "random":
-        return torch.randn(bits, size, generator=generator)
+        return torch.randn(bits, size, generator=rng)
     if kind not in ("direct", "diff"):
         raise ValueError(f"projection must be 'random', 'direct' or 'diff', got {kind!r}")
     needed = bits if kind == "direct" else 2 * bits
     if needed > size:
         raise ValueError(f"projection {kind!r} needs {needed} distinct weights, the layer has {size}")
-    index = torch.randperm(size, generator=generator)[:needed]
+    index = torch.randperm(size, generator=rng)[:needed]
     x = torch.zeros(bits, size)
     rows = torch.arange(bits)
     x[rows, index[:bits]] = 1.0
@@ -53,8 +54,7 @@ class UchidaKey(WatermarkKey):
 
     def extract(self, suspect: nn.Module, layer: str | None = None) -> Tensor:
         """The bits the suspect's layer carries under X (white-box)."""
-        if not isinstance(suspect, nn.Module):
-            raise TypeError("the Uchida watermark is white-box: verify needs the suspect's nn.Module, not a callable")
+        suspect = white_box_module(suspect, self.scheme)
         name = layer or self.config["layer"]
         weight = resolve_layer(suspect, name).weight
         expected = tuple(self.config["weight_shape"])
@@ -72,16 +72,15 @@ class UchidaKey(WatermarkKey):
         message = self.tensors["message"].long()
         total = len(message)
         errors = int((bits != message).sum())
-        p_value = binomial_p_value(total - errors, total, 0.5)
         max_errors = total - binomial_threshold(total, 0.5, alpha)
-        return Verdict(
+        return Verdict.decide(
             scheme=self.scheme,
             statistic=errors / total,
             statistic_name="ber",
-            p_value=p_value,
+            log10_p=binomial_log10_p_value(total - errors, total, 0.5),
             alpha=alpha,
             threshold=max_errors / total,
-            is_watermarked=p_value < alpha,
+            higher_is_watermarked=False,
             queries=0,
             null="each bit of an unmarked layer matches with probability 1/2 (binomial)",
             details={"bits": total, "errors": errors, "layer": layer or self.config["layer"]},
@@ -107,10 +106,10 @@ class UchidaWatermark(WatermarkScheme):
         strength: λ.
         projection: ``random`` (recommended), ``direct`` (one weight per bit) or ``diff`` (sign of a difference).
         message: the bits as a string of 0/1 of length ``bits``; random (from ``seed``) when None.
-        key_path, seed, alpha: see :class:`~lightning_wm.watermarks.base.WatermarkScheme`.
+        key_path, seed, alpha, name: see :class:`~lightning_wm.watermarks.base.WatermarkScheme`.
     """
 
-    name = "uchida"
+    key_scheme = "uchida"
 
     def __init__(
         self,
@@ -122,8 +121,9 @@ class UchidaWatermark(WatermarkScheme):
         key_path: str | None = None,
         seed: int | None = None,
         alpha: float = 0.01,
+        name: str | None = None,
     ) -> None:
-        super().__init__(key_path=key_path, seed=seed, alpha=alpha)
+        super().__init__(key_path=key_path, seed=seed, alpha=alpha, name=name)
         if bits < 1:
             raise ValueError(f"bits must be positive, got {bits}")
         if projection not in ("random", "direct", "diff"):
@@ -140,7 +140,7 @@ class UchidaWatermark(WatermarkScheme):
 
     def make_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> UchidaKey:
         weight = resolve_layer(pl_module, self.layer).weight
-        generator = self.key_generator()
+        rng = self.key_rng()
         size = weight[0].numel()
         if 2 * self.bits > size:
             rank_zero_warn(
@@ -148,9 +148,9 @@ class UchidaWatermark(WatermarkScheme):
                 "with T/M above 1/2 embedding slows down sharply (the paper uses T=256, M=576): choose a wider "
                 "layer or fewer bits"
             )
-        projection = make_projection(self.projection, self.bits, size, generator)
+        projection = make_projection(self.projection, self.bits, size, rng)
         if self.message is None:
-            message = torch.randint(0, 2, (self.bits,), generator=generator)
+            message = torch.randint(0, 2, (self.bits,), generator=rng)
         else:
             message = torch.tensor([int(c) for c in self.message])
         config = {"layer": self.layer, "weight_shape": list(weight.shape), "projection": self.projection}
@@ -175,5 +175,18 @@ class UchidaWatermark(WatermarkScheme):
             logits = self._projection @ filter_mean(weight)
             loss = F.binary_cross_entropy_with_logits(logits, self._target, reduction="sum")
         ber = ((logits >= 0).float() != self._target).float().mean()
-        pl_module.log("wm/uchida/ber", ber, on_step=True, on_epoch=False, prog_bar=True)
+        pl_module.log(f"wm/{self.name}/ber", ber, on_step=True, on_epoch=False, prog_bar=True)
         return self.strength * loss
+
+
+SCHEME = SchemeSpec(
+    name="uchida",
+    callback=UchidaWatermark,
+    key=UchidaKey,
+    higher_is_watermarked=False,
+    access="weights",
+    example=lambda seed=None, key_path=None: UchidaWatermark(
+        layer="conv2", bits=64, strength=0.1, seed=seed, key_path=key_path
+    ),
+)
+"""Uchida's registry entry (entry point ``uchida`` of ``lightning_wm.schemes``)."""

@@ -34,9 +34,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_wm.models.reinit import reinitialised_copy
+from lightning_wm.registry import SchemeSpec
 from lightning_wm.verify.blackbox import Suspect, check_outputs, query_probs
 from lightning_wm.verify.keys import WatermarkKey
-from lightning_wm.verify.stats import binomial_p_value, binomial_threshold
+from lightning_wm.verify.stats import binomial_log10_p_value, binomial_threshold
 from lightning_wm.verify.verdict import Verdict
 from lightning_wm.watermarks.base import WatermarkScheme
 
@@ -115,15 +116,13 @@ class USPKey(WatermarkKey):
         if inputs is None and "query_labels" in self.tensors:
             accuracy = float(probs.argmax(-1).eq(self.tensors["query_labels"]).float().mean())
         null_rate = self.null_rate(accuracy)
-        p_value = binomial_p_value(hits, total, null_rate)
-        return Verdict(
+        return Verdict.decide(
             scheme=self.scheme,
             statistic=hits / total,
             statistic_name="detector_rate",
-            p_value=p_value,
+            log10_p=binomial_log10_p_value(hits, total, null_rate),
             alpha=alpha,
             threshold=binomial_threshold(total, null_rate, alpha) / total,
-            is_watermarked=p_value < alpha,
             queries=queries,
             null=f"a clean model's outputs are flagged with probability {null_rate:.3g} (binomial; the largest "
             "rate of held-out clean references of comparable accuracy plus a margin)",
@@ -183,10 +182,10 @@ class USPWatermark(WatermarkScheme):
             it trains (0: none; measured on digits, 0.3 made clean models' rates higher, not lower).
         num_queries: verification queries kept in the key.
         query_split: the DataModule split the queries come from.
-        key_path, seed, alpha: see :class:`~lightning_wm.watermarks.base.WatermarkScheme`.
+        key_path, seed, alpha, name: see :class:`~lightning_wm.watermarks.base.WatermarkScheme`.
     """
 
-    name = "usp"
+    key_scheme = "usp"
 
     def __init__(
         self,
@@ -208,8 +207,9 @@ class USPWatermark(WatermarkScheme):
         key_path: str | None = None,
         seed: int | None = None,
         alpha: float = 0.01,
+        name: str | None = None,
     ) -> None:
-        super().__init__(key_path=key_path, seed=seed, alpha=alpha)
+        super().__init__(key_path=key_path, seed=seed, alpha=alpha, name=name)
         if not 0.0 <= null_rate < 1.0:
             raise ValueError(f"null_rate must be in [0, 1), got {null_rate}")
         if not 0.0 <= null_margin < 1.0:
@@ -250,11 +250,11 @@ class USPWatermark(WatermarkScheme):
     def make_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> USPKey:
         datamodule = self.split_datamodule(trainer, "its data gives the queries")
         num_classes = int(getattr(datamodule, "num_classes", getattr(pl_module, "num_classes", 10)))
-        generator = self.key_generator()
+        rng = self.key_rng()
         query_x = datamodule.dataset(self.query_split).tensors[0]
-        order = torch.randperm(len(query_x), generator=generator)[: self.num_queries]
+        order = torch.randperm(len(query_x), generator=rng)[: self.num_queries]
         with torch.random.fork_rng():
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng)))
             detector = make_detector(num_classes, self.detector_hidden)
         config = {
             "num_classes": num_classes,
@@ -372,6 +372,7 @@ class USPWatermark(WatermarkScheme):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         assert self._detector is not None
         x, y = batch[0], batch[1]
         logits = outputs["logits"].detach().float() if isinstance(outputs, dict) and "logits" in outputs else None
@@ -454,3 +455,15 @@ class USPWatermark(WatermarkScheme):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer)
+
+
+SCHEME = SchemeSpec(
+    name="usp",
+    callback=USPWatermark,
+    key=USPKey,
+    higher_is_watermarked=True,
+    access="probabilities",
+    example=lambda seed=None, key_path=None: USPWatermark(seed=seed, num_queries=300, key_path=key_path),
+    example_epochs=12,
+)
+"""USP's registry entry (entry point ``usp`` of ``lightning_wm.schemes``)."""
