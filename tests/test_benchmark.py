@@ -70,8 +70,12 @@ def test_matrix_declares_marked_models_not_clean_ones_and_writes_reports(tmp_pat
     ]
     for row in rows:
         assert row["false_positives"] == "0/2"
+        assert (row["fp_clean"], row["fp_untrained"], row["fp_collapsed"]) == ("0/2", "0/2", "0/2"), row
+        assert row["fp_other_schemes"] == "0/1"
         assert 0.0 <= row["acc_after"] <= 1.0
-        assert row["status"] in ("kept", "removed", "removed, over budget")
+    status = {(r["scheme"], r["attack"]): r["status"] for r in rows}
+    assert status[("uchida", "prune_50")] == "kept"  # 50% global pruning leaves Uchida's bits (the paper's claim)
+    assert status[("uchida", "fine_tune")] == "kept"
     unattacked = {r["scheme"]: r for r in rows if r["attack"] == "none"}
     assert all(r["watermarked"] and r["p_value"] < 1e-6 for r in unattacked.values())
     assert abs(unattacked["uchida"]["acc_before"] - unattacked["uchida"]["baseline_acc"]) < 0.1
@@ -122,17 +126,28 @@ def test_a_changed_option_reruns_only_the_cells_it_touches(tmp_path, count_fits)
     assert count_fits[before:] == ["ImageClassifier", "FineTuneAttack"]  # content's embedding and attacks only
 
 
-def test_a_scheme_whose_data_is_missing_is_reported_not_applicable(tmp_path, monkeypatch):
-    from lightning_wm.data import FashionMNISTDataModule
-    from lightning_wm.watermarks import UnrelatedTrigger
+def test_a_failing_cell_is_an_error_with_its_traceback_and_a_threat_mismatch_is_not_applicable(tmp_path):
+    from lightning_wm.attacks import EvasionAttack
 
-    monkeypatch.setattr(FashionMNISTDataModule, "offline_dirs", ())
+    def broken(victim):
+        raise RuntimeError("a bug in the attack")
+
     bench = _benchmark(tmp_path)
-    bench.schemes = {"unrelated": TriggerSetWatermark(UnrelatedTrigger(data_dir=str(tmp_path / "none")), seed=1)}
-    rows = bench.run()
-    assert [r["status"] for r in rows] == ["n/a"] * 3
-    assert "Fashion-MNIST" in rows[0]["reason"]
-    assert "n/a (UnrelatedTrigger needs Fashion-MNIST" in markdown_table(rows)
+    bench.schemes = {"uchida": bench.schemes["uchida"]}
+    bench.attacks = {
+        "broken": broken,
+        "evasion": partial(EvasionAttack, optimizer=partial(torch.optim.Adam, lr=1e-3)),
+        "prune_50": bench.attacks["prune_50"],
+    }
+    bench.attack_epochs = {"broken": 1, "evasion": 1, "prune_50": 0}
+    rows = {r["attack"]: r for r in bench.run()}
+    assert rows["broken"]["status"] == "error"
+    log = Path(rows["broken"]["reason"].split("traceback: ")[1].rstrip(")"))
+    assert "a bug in the attack" in log.read_text() and "Traceback" in log.read_text()
+    assert rows["evasion"]["status"] == "n/a"
+    assert "exposes no weights" in rows["evasion"]["reason"]
+    assert rows["prune_50"]["status"] == "kept", "the run goes on after an error cell"
+    assert "error (RuntimeError: a bug in the attack" in markdown_table(list(rows.values()))
 
 
 def test_overhead_is_reported_as_ratios_to_plain_training(tmp_path):

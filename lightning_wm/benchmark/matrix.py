@@ -9,6 +9,12 @@ interrupted run resumes, and a changed option reruns only the cells it touches.
 
 An attack *removes* a watermark when the attacked model is no longer declared watermarked at ``alpha`` while its
 test accuracy stays within ``accuracy_budget`` points of the marked model's (Lukas et al. 2022's criterion).
+
+A cell whose attack does not fit the scheme's threat model (:class:`~lightning_wm.verify.NotApplicable`) reads
+"n/a" with the reason; any other exception is an "error" cell, its traceback in ``logs/<cell>.log`` under
+``output_dir``, and the run goes on. Every key is also tried on the benchmark's innocent models: the unmarked
+ones, the models the other schemes marked, untrained networks and unmarked models collapsed by pruning 80% of
+their weights (no fine-tuning); the four counts of declared models are columns of every row of the scheme.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,21 +34,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lightning_wm.attacks.base import RemovalAttack
-from lightning_wm.attacks.overwrite import OverwriteAttack
 from lightning_wm.benchmark.cache import CellCache, cell_id, describe
-from lightning_wm.data.base import DatasetNotFoundError
 from lightning_wm.models.reinit import clone_module, reinitialised_copy
 from lightning_wm.verify.keys import WatermarkKey, load_key
 from lightning_wm.verify.stats import empirical_p_value
+from lightning_wm.verify.verdict import NotApplicable, Verdict
 from lightning_wm.watermarks.base import WatermarkScheme
 
 AttackFactory = Callable[[nn.Module], RemovalAttack]
 """An attack with every option but the victim: ``class_path``/``init_args`` in a config, a ``partial`` in Python."""
 
-LOWER_IS_WATERMARKED = ("ber", "bit_error_rate")
-"""Statistics that fall when a watermark is present; every other statistic rises."""
+INNOCENT_KINDS = ("clean", "other_schemes", "untrained", "collapsed")
+"""The innocent suspects every key is tried on; ``fp_<kind>`` columns count the declared ones."""
 
-NOT_APPLICABLE = (ValueError, TypeError, DatasetNotFoundError)
+COLLAPSE_RATE = 0.8
 
 TRAINER_OPTIONS = (
     "accelerator",
@@ -145,6 +151,7 @@ class Benchmark:
         self.cache = CellCache(self.output_dir)
         self.rows: list[dict[str, Any]] = []
         self._data_id = describe(datamodule)
+        self._nulls: dict[str, tuple[L.LightningModule, float]] = {}
 
     def epochs_of(self, attack: str) -> int:
         """Training epochs of the attack named ``attack``."""
@@ -170,27 +177,31 @@ class Benchmark:
         started = time.perf_counter()
         self.rows = []
         bar = tqdm(total=self.total_cells(), desc="benchmark", unit="cell", disable=not self.progress, leave=True)
+        embedded: dict[str, tuple[L.LightningModule, WatermarkKey, dict[str, Any]]] = {}
+        nulls: dict[str, list[tuple[L.LightningModule, float]]] = {}
         for scheme_name, scheme in self.schemes.items():
             template = self.scheme_models.get(scheme_name, self.model)
-            nulls = [self.null_model(template, i, bar) for i in range(self.null_models)]
+            nulls[scheme_name] = [self.null_model(template, i, bar) for i in range(self.null_models)]
             try:
-                marked, key, embed = self.embed(scheme_name, scheme, template, bar)
-            except DatasetNotFoundError as err:
-                reason = _first_line(err)
-                rank_zero_info(f"benchmark: {scheme_name} skipped: {reason}")
+                embedded[scheme_name] = self.embed(scheme_name, scheme, template, bar)
+            except Exception as err:  # noqa: BLE001  (an error cell; the run goes on)
+                reason = self._log_error(f"embed-{scheme_name}", err)
                 for attack in ["none", *self.attacks]:
-                    self.rows.append(_skipped_row(scheme_name, attack, nulls[0][1], reason))
+                    self.rows.append(_skipped_row(scheme_name, attack, nulls[scheme_name][0][1], "error", reason))
                 bar.update(1 + len(self.attacks))
-                continue
-            null_verdicts = [key.verify(null.eval(), alpha=self.alpha) for null, _ in nulls]
+        innocents = self.innocent_models(embedded, nulls)
+        for scheme_name, (marked, key, embed) in embedded.items():
+            scheme = self.schemes[scheme_name]
+            own_nulls = nulls[scheme_name]
+            null_verdicts = [key.verify(null.eval(), alpha=self.alpha) for null, _ in own_nulls]
             null_stats = [v.statistic for v in null_verdicts]
-            false_positives = sum(v.is_watermarked for v in null_verdicts)
-            higher = embed["statistic_name"].lower() not in LOWER_IS_WATERMARKED
+            higher = bool(embed.get("higher_is_watermarked", True))
             context = {
                 "scheme": scheme_name,
-                "baseline_acc": nulls[0][1],
+                "baseline_acc": own_nulls[0][1],
                 "acc_before": embed["acc"],
-                "false_positives": f"{false_positives}/{len(nulls)}",
+                "false_positives": f"{sum(v.is_watermarked for v in null_verdicts)}/{len(null_verdicts)}",
+                **self.false_accusations(scheme_name, key, innocents),
                 "key_fingerprint": key.fingerprint()[:12],
             }
             self.rows.append(
@@ -205,9 +216,63 @@ class Benchmark:
         rank_zero_info(f"benchmark: {len(self.rows)} rows in {time.perf_counter() - started:.0f} s")
         return self.rows
 
+    def innocent_models(
+        self,
+        embedded: dict[str, tuple[L.LightningModule, WatermarkKey, dict[str, Any]]],
+        nulls: dict[str, list[tuple[L.LightningModule, float]]],
+    ) -> dict[str, list[tuple[str, nn.Module]]]:
+        """The innocent suspects by kind: ``(owner scheme or "", model)`` pairs; the untrained and collapsed ones
+        are made from the unmarked models (same architectures), seeded."""
+        from torch.nn.utils import prune
+
+        clean = [(name, null) for name, models in nulls.items() for null, _ in models]
+        unique: dict[int, tuple[str, nn.Module]] = {id(m): (n, m) for n, m in clean}
+        untrained, collapsed = [], []
+        for i, (name, model) in enumerate(unique.values()):
+            torch.manual_seed(self.seed + 10_000 + i)
+            untrained.append((name, reinitialised_copy(model).eval()))
+            pruned = clone_module(model)
+            layers = [(m, "weight") for m in pruned.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+            prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=COLLAPSE_RATE)
+            collapsed.append((name, pruned.eval()))
+        others = [(name, model) for name, (model, _, _) in embedded.items()]
+        return {"clean": list(unique.values()), "other_schemes": others, "untrained": untrained, "collapsed": collapsed}
+
+    def false_accusations(
+        self, scheme_name: str, key: WatermarkKey, innocents: dict[str, list[tuple[str, nn.Module]]]
+    ) -> dict[str, str]:
+        """``fp_<kind>``: how many innocent suspects of each kind ``key`` declares, as ``declared/tried``.
+
+        A suspect the key cannot read (another number of outputs, a white-box key on a served model) is not tried.
+        """
+        counts: dict[str, str] = {}
+        for kind in INNOCENT_KINDS:
+            declared = tried = 0
+            for owner, model in innocents[kind]:
+                if kind == "other_schemes" and owner == scheme_name:
+                    continue
+                try:
+                    verdict = key.verify(model, alpha=self.alpha)
+                except (NotApplicable, ValueError):
+                    continue
+                tried += 1
+                declared += verdict.is_watermarked
+            counts[f"fp_{kind}"] = f"{declared}/{tried}"
+        return counts
+
+    def _log_error(self, cell: str, err: BaseException) -> str:
+        """Write ``err``'s traceback to the cell's log file; return the one line a table shows."""
+        log = self.output_dir / "logs" / f"{cell}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(traceback.format_exception(err)))
+        return f"{type(err).__name__}: {_first_line(err)} (traceback: {log})"
+
     def null_model(self, template: L.LightningModule, index: int, bar: tqdm) -> tuple[L.LightningModule, float]:
         """The ``index``-th unmarked model of ``template``'s architecture and its test accuracy (cached)."""
         cell = cell_id("null", template, self._data_id, self.embed_epochs, self.seed + index, self.trainer_kwargs)
+        if cell in self._nulls:
+            bar.update()
+            return self._nulls[cell]
         bar.set_postfix_str(f"unmarked model {index + 1}/{self.null_models}")
         model = self.cache.load_model(cell, template)
         row = self.cache.load_row(cell)
@@ -220,7 +285,8 @@ class Benchmark:
             self.cache.save_model(cell, model)
             self.cache.save_row(cell, row)
         bar.update()
-        return model.eval(), float(row["acc"])
+        self._nulls[cell] = (model.eval(), float(row["acc"]))
+        return self._nulls[cell]
 
     def embed(
         self, name: str, scheme: WatermarkScheme, template: L.LightningModule, bar: tqdm
@@ -272,11 +338,7 @@ class Benchmark:
         try:
             L.seed_everything(self.seed, verbose=False)
             attack = factory(marked)
-            if isinstance(attack, OverwriteAttack) and attack.scheme is None:
-                attacker_scheme = copy.deepcopy(scheme)
-                attacker_scheme.key_path = None
-                attacker_scheme.seed = None if scheme.seed is None else scheme.seed + 7919
-                attack.set_scheme(attacker_scheme)
+            attack.prepare(scheme)
             if epochs > 0:
                 self.trainer(epochs).fit(attack, datamodule=self.attacker_datamodule)
             acc = self.test_accuracy(attack)
@@ -286,22 +348,27 @@ class Benchmark:
                 **_verdict_fields(verdict),
                 "queries": int(attack.queries) + int(verdict.queries or 0),
             }
-        except NOT_APPLICABLE as err:
+        except NotApplicable as err:
             row = {"acc": math.nan, "status": "n/a", "reason": _first_line(err)}
+        except Exception as err:  # noqa: BLE001  (an error cell; the run goes on)
+            row = {"acc": math.nan, "status": "error", "reason": self._log_error(cell, err)}
         row["attack_time"] = time.perf_counter() - began
-        self.cache.save_row(cell, row)
+        if row.get("status") != "error":
+            self.cache.save_row(cell, row)
         return row
 
     def _verdict_row(
         self, attack: str, acc_before: float, row: dict[str, Any], null_stats: list[float], higher: bool
     ) -> dict[str, Any]:
         out: dict[str, Any] = {"attack": attack, "acc_after": row.get("acc", math.nan)}
-        if row.get("status") == "n/a":
-            return {**out, "status": "n/a", "reason": row.get("reason", "")}
+        if row.get("status") in ("n/a", "error"):
+            return {**out, "status": row["status"], "reason": row.get("reason", "")}
         drop = 100.0 * (acc_before - row["acc"])
         watermarked = bool(row["is_watermarked"])
         within_budget = drop <= self.accuracy_budget
         status = "kept" if watermarked else ("removed" if within_budget else "removed, over budget")
+        if row.get("outcome") == "undecidable":
+            status = "undecidable" if within_budget else "removed, over budget"
         if attack == "none" and not watermarked:
             status = "not embedded"
         return {
@@ -318,17 +385,21 @@ class Benchmark:
         }
 
 
-def _verdict_fields(verdict: Any) -> dict[str, Any]:
+def _verdict_fields(verdict: Verdict) -> dict[str, Any]:
     return {
         "statistic_name": verdict.statistic_name,
         "statistic": float(verdict.statistic),
         "p_value": float(verdict.p_value),
+        "log10_p": float(verdict.log10_p),
         "is_watermarked": bool(verdict.is_watermarked),
+        "outcome": verdict.outcome.value,
+        "higher_is_watermarked": bool(verdict.higher_is_watermarked),
         "verify_queries": int(verdict.queries or 0),
+        "reason": verdict.reason,
     }
 
 
-def _skipped_row(scheme: str, attack: str, baseline_acc: float, reason: str) -> dict[str, Any]:
+def _skipped_row(scheme: str, attack: str, baseline_acc: float, status: str, reason: str) -> dict[str, Any]:
     return {
         "scheme": scheme,
         "attack": attack,
@@ -337,7 +408,7 @@ def _skipped_row(scheme: str, attack: str, baseline_acc: float, reason: str) -> 
         "acc_after": math.nan,
         "false_positives": "–",
         "key_fingerprint": "",
-        "status": "n/a",
+        "status": status,
         "reason": reason,
     }
 

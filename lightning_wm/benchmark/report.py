@@ -21,6 +21,10 @@ COLUMNS = (
     "empirical_p",
     "watermarked",
     "false_positives",
+    "fp_clean",
+    "fp_other_schemes",
+    "fp_untrained",
+    "fp_collapsed",
     "queries",
     "attack_time",
     "key_fingerprint",
@@ -32,11 +36,13 @@ STATUS_COLOURS = {
     "removed": "#c62828",
     "removed, over budget": "#f9a825",
     "not embedded": "#6a1b9a",
+    "undecidable": "#1565c0",
     "n/a": "#bdbdbd",
+    "error": "#000000",
 }
 """Green: the watermark survives; red: removed within the accuracy budget; amber: removed at too high an
-accuracy cost; purple: the marked model itself is not declared (embedding failed); grey: the attack does not
-apply."""
+accuracy cost; purple: the marked model itself is not declared (embedding failed); blue: the attacked model is
+degenerate, so its verdict is undecidable; grey: the attack does not apply; black: the cell failed (see its log)."""
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
@@ -64,18 +70,28 @@ def format_p(p_value: float) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """One line per scheme × attack: accuracy before/after (%), the statistic, the p-value, the outcome."""
-    header = "| scheme | attack | test acc % (before → after) | statistic | p-value | outcome | FP (clean) |"
+    """One line per scheme × attack: accuracy before/after (%), the statistic, the p-value, the outcome, and the
+    key's false accusations among the benchmark's innocent models (clean / other schemes' / untrained / collapsed,
+    declared/tried)."""
+    header = (
+        "| scheme | attack | test acc % (before → after) | statistic | p-value | outcome | "
+        "FP (clean / other / untrained / collapsed) |"
+    )
     lines = [header, "|---|---|---|---|---|---|---|"]
     for row in rows:
         accuracy = f"{_pct(row['acc_before'])} → {_pct(row.get('acc_after', math.nan))}"
         statistic = "–"
         if "statistic" in row:
             statistic = f"{row['statistic_name']} {row['statistic']:.3f}"
-        outcome = row["status"] if row["status"] != "n/a" else f"n/a ({row.get('reason', '')[:60]})"
+        outcome = row["status"]
+        if outcome in ("n/a", "error", "undecidable") and row.get("reason"):
+            outcome = f"{outcome} ({row['reason'][:80]})"
+        counts = " / ".join(
+            str(row.get(f"fp_{kind}", "–")) for kind in ("clean", "other_schemes", "untrained", "collapsed")
+        )
         lines.append(
             f"| {row['scheme']} | {row['attack']} | {accuracy} | {statistic} | {_fmt_p(row.get('p_value'))} | "
-            f"{outcome} | {row['false_positives']} |"
+            f"{outcome} | {counts} |"
         )
     return "\n".join(lines)
 
@@ -111,8 +127,8 @@ def heatmap(rows: list[dict[str, Any]], path: str | Path, title: str = "watermar
     for i, scheme in enumerate(schemes):
         for j, attack in enumerate(attacks):
             row = cells.get((scheme, attack), {})
-            if row.get("status") in (None, "n/a"):
-                text = "n/a"
+            if row.get("status") in (None, "n/a", "error"):
+                text = row.get("status") or "n/a"
             else:
                 text = f"p{format_p(row['p_value'])}\n{-row['acc_drop']:+.1f} pt"
             ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if row else "black")
