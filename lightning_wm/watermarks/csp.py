@@ -1,8 +1,8 @@
 """CSP: Customized Soft-label Perturbation (Chien & Shen, arXiv 2208.05477, 2022).
 
-The paper's body is unavailable (papers.md §4.2); this follows its abstract ("embedding watermark via adding
-perturbation into the model output probability distribution", one key per customer) with the keyed cosine
-perturbation of CosWM (Charette et al., AAAI 2022) and DRW (Zhao et al., 2022), papers.md §5.1:
+Chien & Shen's abstract describes "embedding watermark via adding perturbation into the model output probability
+distribution", one key per customer; the perturbation here is the keyed cosine of CosWM (Charette et al., AAAI
+2022):
 
 * a secret unit projection ``v`` maps an input to a phase ``x' = Φ((v·x − μ)/σ) ∈ [0, 1]``;
 * the output distribution ``q`` becomes ``q̃_i = (q_i + ε_i (1 + cos(f x' + θ_i))) / (1 + 2ε)`` with
@@ -12,75 +12,61 @@ Each customer of an API gets its own ``(v, f, θ, c*)``, so a leaked copy is tra
 carries. The perturbation is applied by :class:`CSPHead` at serving time (protects an API against distillation)
 and/or baked into the weights by training toward perturbed targets (survives theft of the weights).
 
-Verification (a deviation from CosWM/DRW's Lomb–Scargle SNR, see :meth:`CSPKey.score`): a matched filter. The
-target-class probability of the suspect is centred within each predicted class (this removes the power class
-structure puts at low frequencies, the failure csp-probe.md shows) and correlated with ``cos(f x' + θ)``; the
-same score for many random projections that no customer holds is the null, so the p-value says how unusual the
-customer's key is among keys that were never used, for this very suspect.
+Verification (a deviation from CosWM's Lomb–Scargle SNR, see :meth:`CSPKey.score`): a matched filter against
+``cos(f x' + θ)`` of the target-class log-probability centred within each predicted class, ranked among the same
+score for many random projections no customer holds: a permutation test, exact for any suspect, whose
+resolution is ``1/(N + 1)`` for ``N`` null projections.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from scipy import stats
 from torch import Tensor, nn
 
-from lightning_wm.models.reinit import reinitialised_copy
 from lightning_wm.registry import SchemeSpec
-from lightning_wm.verify.blackbox import Suspect, check_outputs, query_probs
+from lightning_wm.side_training import train_clean_models
+from lightning_wm.verify.blackbox import Suspect, check_outputs, degenerate_reason, query_probs
 from lightning_wm.verify.keys import WatermarkKey
 from lightning_wm.verify.verdict import Verdict
 from lightning_wm.watermarks.base import WatermarkScheme
+from lightning_wm.watermarks.functional import (
+    class_centred_log_probs,
+    key_phase,
+    matched_filter,
+    perturb,
+    rank_p_value,
+    smooth_projections,
+    standardised_phase,
+)
 
-
-def key_phase(x: Tensor, projection: Tensor, mean: Tensor | float, std: Tensor | float) -> Tensor:
-    """x' = Φ((v·x − μ)/σ) for every row of ``x`` (any shape, flattened) and every projection row of ``v``.
-
-    Returns ``(N,)`` for one projection ``(D,)``, ``(N, P)`` for ``P`` projections ``(P, D)``.
-    """
-    z = (x.flatten(1).float() @ projection.float().t() - mean) / std  # .t(): (D,) stays (D,), (P, D) -> (D, P)
-    return 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
-
-
-def perturb(probs: Tensor, x_phase: Tensor, target: int, frequency: float, phase: float, amplitude: float) -> Tensor:
-    """The CosWM perturbation q̃ of distributions ``probs`` (N, K) at phases ``x_phase`` (N,); rows still sum to 1."""
-    k = probs.shape[-1]
-    eps = torch.full((k,), amplitude / (k - 1), dtype=probs.dtype, device=probs.device)
-    eps[target] = amplitude
-    theta = torch.full((k,), phase + math.pi, dtype=probs.dtype, device=probs.device)
-    theta[target] = phase
-    signal = torch.cos(frequency * x_phase.to(probs).unsqueeze(-1) + theta)
-    return (probs + eps * (1.0 + signal)) / (1.0 + 2.0 * amplitude)
-
-
-def smooth_projections(count: int, shape: tuple[int, ...], grid: int, rng: torch.Generator) -> Tensor:
-    """``count`` random unit projections of inputs of ``shape``, flattened.
-
-    With ``grid > 0`` each is drawn on a ``grid × grid`` lattice and upsampled (nearest) to the image size: a
-    projection that is constant over pixel blocks is a smooth image feature that a CNN with pooling (and a student
-    of any architecture) can learn as a function, where a projection on single pixels is memorised at best
-    (csp-probe.md). ``grid = 0`` draws i.i.d. pixel weights.
-    """
-    if grid > 0 and len(shape) == 3:
-        coarse = torch.randn(count, shape[0], grid, grid, generator=rng)
-        v = F.interpolate(coarse, size=tuple(shape[1:]), mode="nearest").flatten(1)
-    else:
-        v = torch.randn(count, math.prod(shape), generator=rng)
-    return v / v.norm(dim=1, keepdim=True)
+__all__ = [
+    "CSPHead",
+    "CSPKey",
+    "CSPWatermark",
+    "CalibrationOptions",
+    "SignalOptions",
+    "VerificationOptions",
+    "key_phase",
+    "perturb",
+    "smooth_projections",
+]
 
 
 class CSPKey(WatermarkKey):
-    """Every customer's perturbation key, the owner's verification queries and the null-key seed.
+    """Every customer's perturbation key, the owner's verification queries and the null-projection seed.
 
     Tensors (one row per customer): ``projection`` (C, D) unit vectors, ``mean``/``std`` (C,) of ``v·x`` over
     the owner's training data, ``target`` (C,) class c*, ``frequency`` (C,) f in radians, ``phase`` (C,) θ;
-    ``queries`` (N, *input_shape) the inputs verification sends. Config: ``customers`` (names), ``amplitude``,
-    ``num_classes``, ``null_keys`` and ``null_seed`` (the random projections of the null).
+    ``queries`` (N, *input_shape) the inputs verification sends and ``query_labels`` (N,) their true classes (to
+    recognise a degenerate suspect). Config: ``customers`` (names), ``amplitude``, ``num_classes``, ``null_keys``
+    and ``null_seed`` (the random projections of the null).
     """
 
     scheme = "csp"
@@ -125,66 +111,37 @@ class CSPKey(WatermarkKey):
         shape = tuple(self.config.get("input_shape") or (dim,))
         return smooth_projections(int(self.config["null_keys"]), shape, int(self.config.get("grid", 0)), rng)
 
-    def _correlations(self, probs: Tensor, phases: Tensor, i: int) -> Tensor:
-        """Matched-filter correlations of outputs ``probs`` with customer ``i``'s cosine at every column of phases."""
+    def own_score(self, probs: Tensor, x: Tensor, customer: str | int | None = None) -> float:
+        """The matched-filter score of ``customer``'s key alone (see :meth:`score`)."""
+        i = self.index(customer)
         t = self.tensors
-        target, frequency, phase = int(t["target"][i]), float(t["frequency"][i]), float(t["phase"][i])
-        y = probs[:, target].double().clamp_min(1e-6).log()
-        predicted = probs.argmax(dim=-1)
-        residual = y.clone()
-        for c in predicted.unique():
-            members = predicted == c
-            residual[members] -= y[members].mean()
-        residual = residual - residual.mean()
-        signal = torch.cos(frequency * phases.double() + phase)
-        signal = signal - signal.mean(dim=0)
-        denom = signal.norm(dim=0) * residual.norm()
-        return (residual @ signal) / denom.clamp_min(1e-12)
+        own = key_phase(x.flatten(1).float(), t["projection"][i : i + 1], t["mean"][i : i + 1], t["std"][i : i + 1])
+        residual = class_centred_log_probs(probs, int(t["target"][i]))
+        return float(matched_filter(residual, own, float(t["frequency"][i]), float(t["phase"][i]))[0])
 
-    def _phases(self, x: Tensor, i: int) -> Tensor:
-        """(N, 1 + P): the phases of customer ``i``'s projection, then of the ``null_keys`` random projections."""
+    def null_scores(self, probs: Tensor, x: Tensor, customer: str | int | None = None, chunk: int = 1024) -> Tensor:
+        """The matched-filter scores of the ``null_keys`` random projections, with ``customer``'s f, θ and c*."""
+        i = self.index(customer)
         t = self.tensors
         flat = x.flatten(1).float()
-        own = key_phase(flat, t["projection"][i : i + 1], t["mean"][i : i + 1], t["std"][i : i + 1])
+        residual = class_centred_log_probs(probs, int(t["target"][i]))
+        frequency, phase = float(t["frequency"][i]), float(t["phase"][i])
         null_v = self.null_projections(flat.shape[1])
-        proj = flat @ null_v.T
-        null_phase = 0.5 * (1.0 + torch.erf((proj - proj.mean(0)) / proj.std(0).clamp_min(1e-12) / math.sqrt(2.0)))
-        return torch.cat([own, null_phase], dim=1)
+        return torch.cat(
+            [matched_filter(residual, standardised_phase(flat, v), frequency, phase) for v in null_v.split(chunk)]
+        )
 
-    def calibrated_for(self, x: Tensor) -> bool:
-        """Whether the key holds clean references' outputs on exactly these inputs (its own queries)."""
-        cal = self.tensors.get("calibration_probs")
-        queries = self.tensors["queries"]
-        return cal is not None and cal.numel() > 0 and x.shape == queries.shape and torch.equal(x.cpu(), queries)
-
-    def score(
-        self, probs: Tensor, x: Tensor, customer: str | int | None = None, calibrate: bool = False
-    ) -> tuple[float, Tensor]:
+    def score(self, probs: Tensor, x: Tensor, customer: str | int | None = None) -> tuple[float, Tensor]:
         """Matched-filter scores of the suspect's outputs ``probs`` on ``x``: the customer's and the null's.
 
         The score is the correlation between ``cos(f x' + θ)`` and the target-class log-probability (floored at
         1e-6) centred within each class the suspect predicts; log space because a student distilled at a
         temperature copies the teacher's logits, where the perturbation of small probabilities shows. Under the
-        null (a model that never saw this key) the customer's projection is one random unit vector among many:
-        its score is distributed like the scores of the ``null_keys`` random projections, computed with the same
-        f, θ and c* on the same outputs.
-
-        A fixed projection can correlate with the class content of the inputs, so that its score is biased the same
-        way on every model (a clean digits key scored z 1.5 to 2.2 on all of seven clean models, csp_fp.md).
-        :class:`CSPWatermark` therefore redraws, at key creation, every customer projection whose z on clean
-        reference models is far from 0 (``calibration_max_z``). With ``calibrate`` (and a key holding
-        ``calibration_probs`` on these inputs) every score, the customer's and the null's, is instead taken
-        relative to its mean on those references (measured: less bias, but the references' own noise is added;
-        not the default).
+        null (a suspect that never saw this key) the customer's projection is one random unit vector among many:
+        its score is exchangeable with the scores of the ``null_keys`` random projections, computed with the same
+        f, θ and c* on the same outputs, whatever the suspect is.
         """
-        i = self.index(customer)
-        phases = self._phases(x, i)
-        scores = self._correlations(probs, phases, i)
-        if calibrate and self.calibrated_for(x):
-            cal = self.tensors["calibration_probs"].to(probs)
-            bias = torch.stack([self._correlations(ref, phases, i) for ref in cal]).mean(0)
-            scores = scores - bias
-        return float(scores[0]), scores[1:]
+        return self.own_score(probs, x, customer), self.null_scores(probs, x, customer)
 
     def verify(
         self,
@@ -195,50 +152,65 @@ class CSPKey(WatermarkKey):
     ) -> Verdict:
         """Query ``suspect`` and test it for the key of ``customer``, or of every customer (then trace it).
 
-        With ``customer=None`` each customer's key is tested and the p-value is the smallest one times the
-        number of customers (Bonferroni), so the decision keeps level ``alpha``; ``details["customer"]`` names the
-        customer whose key the suspect carries (None when not watermarked) and ``details["per_customer"]`` has
-        every score.
+        Each customer's p-value is the rank of its score among the null projections' scores on the same outputs,
+        ``(1 + #{null >= score}) / (1 + N)``. With ``customer=None`` every customer's key is tested and the
+        p-value is the smallest one times the number of customers (Bonferroni), so the decision keeps level
+        ``alpha``; ``details["customer"]`` names the customer whose key the suspect carries (None when not
+        watermarked) and ``details["per_customer"]`` has every score, with ``z_normal_model``, the score's z
+        against a normal fit to the null (a model, not the p-value). On its own queries a suspect whose answers are
+        near-constant or at chance accuracy is undecidable.
         """
         x = self.tensors["queries"] if inputs is None else inputs
         probs, queries = query_probs(suspect, x)
         check_outputs(probs, int(self.config["num_classes"]), "CSP")
+        probs = probs.float()
         names = self.customers if customer is None else [self.customers[self.index(customer)]]
-        calibrated = "calibration_probs" in self.tensors and "calibration_z" in self.config
+        draws = int(self.config["null_keys"])
         results: dict[str, dict[str, float]] = {}
+        nulls: dict[str, Tensor] = {}
         for name in names:
-            score, null = self.score(probs.float(), x, name)
-            mean, std = float(null.mean()), max(float(null.std()), 1e-12)
-            z = (score - mean) / std
-            results[name] = {"correlation": score, "z": z, "p_value": float(stats.norm.sf(z))}
-        best = max(results, key=lambda n: results[n]["z"])
-        log10_p = float(stats.norm.logsf(results[best]["z"])) / math.log(10.0) + math.log10(len(names))
-        watermarked = log10_p < math.log10(alpha)
+            score, null = self.score(probs, x, name)
+            exceed, p = rank_p_value(score, null)
+            z = (score - float(null.mean())) / max(float(null.std()), 1e-12)
+            results[name] = {"correlation": score, "null_exceed": exceed, "p_value": p, "z_normal_model": z}
+            nulls[name] = null
+        best = min(results, key=lambda n: (results[n]["p_value"], -results[n]["correlation"]))
+        p_value = min(1.0, results[best]["p_value"] * len(names))
+        undecidable = None
+        labels = self.tensors.get("query_labels")
+        if inputs is None and labels is not None:
+            undecidable = degenerate_reason(probs.argmax(-1), labels, int(self.config["num_classes"]))
+        watermarked = p_value < alpha and undecidable is None
         return Verdict.decide(
             scheme=self.scheme,
-            statistic=results[best]["z"],
-            statistic_name="matched_filter_z",
-            log10_p=log10_p,
+            statistic=results[best]["correlation"],
+            statistic_name="matched_filter_correlation",
+            p_value=p_value,
             alpha=alpha,
-            threshold=float(stats.norm.isf(alpha / len(names))),
+            threshold=_rank_threshold(nulls[best], alpha / len(names)),
             queries=queries,
+            undecidable=undecidable,
+            null_draws=draws,
             null=(
-                f"the customer's projection is one of {self.config['null_keys']} random unused projections "
-                "(normal fit to their matched-filter scores on the same outputs"
-                + (", the customer's keys drawn to score near 0 on clean references" if calibrated else "")
-                + "), Bonferroni over customers"
+                f"the customer's projection is exchangeable with {draws} random unused projections scored on the "
+                f"same outputs (rank p-value, resolution 1/{draws + 1}), Bonferroni over {len(names)} customer(s)"
             ),
             details={
                 "customer": best if watermarked else None,
                 "best_match": best,
                 "per_customer": results,
-                "calibrated": calibrated,
+                "smallest_p": len(names) / (draws + 1),
+                "calibration_z": self.config.get("calibration_z"),
             },
         )
 
 
-def _z(score: float, null: Tensor) -> float:
-    return (score - float(null.mean())) / max(float(null.std()), 1e-12)
+def _rank_threshold(null: Tensor, level: float) -> float:
+    """The correlation above which the rank p-value ``(1 + k)/(1 + N)`` is below ``level`` (inf: unreachable)."""
+    allowed = math.ceil(level * (len(null) + 1)) - 2
+    if allowed < 0:
+        return math.inf
+    return float(torch.sort(null, descending=True).values[allowed])
 
 
 class CSPHead(nn.Module):
@@ -270,48 +242,103 @@ class CSPHead(nn.Module):
         return self.probs(x).clamp_min(1e-12).log()
 
 
+@dataclass(frozen=True)
+class SignalOptions:
+    """The keyed cosine of every customer and the weights of the term that bakes it into the model.
+
+    Attributes:
+        frequency: f in radians over x' ∈ [0, 1] (f/2π periods); low enough to be learned as a function by the
+            model and its students, high enough to stand apart from class structure.
+        amplitude: ε.
+        target_class: c* of every customer (None: a random class per customer).
+        grid: the projections are drawn on a ``grid × grid`` lattice of pixel blocks (see
+            :func:`~lightning_wm.watermarks.functional.smooth_projections`); 0 for i.i.d. pixel weights.
+        strength: λ of the baked KL term.
+        log_strength: λ_log of the baked log-space term on the target class (0 turns it off).
+        label_smoothing: smoothing of the reference distribution before perturbation.
+    """
+
+    frequency: float = 8.0
+    amplitude: float = 0.2
+    target_class: int | None = None
+    grid: int = 4
+    strength: float = 2.0
+    log_strength: float = 0.5
+    label_smoothing: float = 0.1
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """Clean reference models trained at key creation (through :func:`~lightning_wm.side_training.train_clean_models`)
+    on whose outputs each customer projection must score near 0, else it is redrawn.
+
+    A fixed projection can correlate with the class content of the inputs, so that its score is biased the same way
+    on every model, marked or not; redrawing such projections keeps unmarked models away from the threshold.
+
+    Attributes:
+        references: how many (0 turns calibration off).
+        epochs: their training epochs.
+        lr: their Adam learning rate.
+        max_z: a projection whose mean z (against the null projections' normal fit) on the references exceeds
+            this in absolute value is redrawn.
+        tries: at most this many redraws per customer (the key's ``config["calibration_z"]`` keeps the final z).
+    """
+
+    references: int = 2
+    epochs: int = 6
+    lr: float = 2e-3
+    max_z: float = 0.5
+    tries: int = 100
+
+
+@dataclass(frozen=True)
+class VerificationOptions:
+    """Where the queries come from, how many null projections the rank p-value uses, and the key's calibration.
+
+    Attributes:
+        query_split: the DataModule split the queries come from. The owner's own training data by default: a
+            stolen copy of baked weights carries the signal there most strongly, and a student (trained on the
+            attacker's data) has never seen these inputs, so they test what it learned as a function.
+        null_keys: N, the random unused projections of the null: the smallest p-value is 1/(N + 1) per customer,
+            so ``C/(N + 1) < alpha`` must hold for C customers (no extra queries: every projection scores the same
+            outputs).
+        calibration: the clean references that screen the customers' projections.
+    """
+
+    query_split: str = "defender"
+    null_keys: int = 1999
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+
+
+def _options(cls: type, value: Any) -> Any:
+    if value is None:
+        return cls()
+    if isinstance(value, dict):
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        if "calibration" in value and "calibration" in fields and isinstance(value["calibration"], dict):
+            value = {**value, "calibration": CalibrationOptions(**value["calibration"])}
+        return cls(**value)
+    return value
+
+
 class CSPWatermark(WatermarkScheme):
     """Customized Soft-label Perturbation (Chien & Shen 2022), with CosWM's keyed cosine (module docstring).
 
     Makes one key per customer. With ``embed`` set, the model is also trained toward the perturbed targets of
     that customer's key: the term ``λ · KL(q̃ ‖ p_θ) + λ_log · (log p_θ,c* − log q̃_c*)²`` where ``q̃`` is the
-    perturbation of the label-smoothed ground truth (the reference distribution), added by
-    :class:`~lightning_wm.mixin.WatermarkMixin`, so the signal lives in the weights and survives their theft. The
-    second term (a deviation, measured) regresses the target-class log-probability that verification reads: the KL
-    term alone weighs the small target-class probabilities of other classes' inputs by their size, so the model
-    learns their keyed variation poorly. Fashion-MNIST, SmallCNN width 16, 3 epochs, two seeds: marked z 3.1–3.8
-    with the KL term alone, 4.6–5.3 with ``log_strength=0.25`` (accuracy −0.0 to +1.1 points against the
-    unmarked model), 4.9–5.9 with 0.5 (−0.8 to +0.9), 6.5 with 2.0 (−3.5); width 32, 10 epochs, 0.5: z 8.0 and
-    +0.3 points.
+    perturbation of the label-smoothed ground truth, added by :class:`~lightning_wm.mixin.WatermarkMixin`, so the
+    signal lives in the weights and survives their theft. The second term (a deviation from CosWM) regresses the
+    target-class log-probability that verification reads: the KL term alone weighs the small target-class
+    probabilities of other classes' inputs by their size, so the model learns their keyed variation poorly.
     :meth:`serve` wraps any model in a customer's :class:`CSPHead` for an API. Verify with ``key.verify(suspect)``
     (black-box probabilities).
 
     Args:
         customers: customer names, or their number (named ``customer0``...).
         embed: the customer whose key is baked into the weights (None: nothing is baked; serve only).
-        frequency: f in radians over x' ∈ [0, 1] (f/2π periods); low enough to be learned as a function by
-            the model and its students, high enough to stand apart from class structure.
-        amplitude: ε.
-        target_class: c* of every customer (None: a random class per customer).
-        strength: λ of the baked KL term.
-        log_strength: λ_log of the baked log-space term on the target class (0 turns it off).
-        label_smoothing: smoothing of the reference distribution before perturbation.
-        num_queries: verification queries kept in the key (taken from ``query_split`` of the DataModule).
-        query_split: the DataModule split the queries come from. The owner's own training data by default: a
-            stolen copy of baked weights carries the signal there most strongly, and a student (trained on the
-            attacker's data) has never seen these inputs, so they test what it learned as a function.
-        null_keys: random unused projections forming the null.
-        grid: the projections are drawn on a ``grid × grid`` lattice of pixel blocks (see
-            :func:`smooth_projections`); 0 for i.i.d. pixel weights.
-        calibration_references: clean reference models (re-initialised copies of ``pl_module.backbone``, or
-            ``.model``) trained at key creation on the training data, whose outputs on the queries the key keeps
-            (``calibration_probs``) to calibrate the statistic for this fixed key (:meth:`CSPKey.score`). 0 turns
-            calibration off (the statistic is then calibrated over random keys only: on digits 16 of 40 fixed keys
-            had a customer whose z on clean models averaged above 1, csp_fp.md).
-        calibration_epochs, calibration_lr: epochs and Adam learning rate of the clean references.
-        calibration_max_z, calibration_tries: a customer projection whose mean z on the references exceeds
-            ``calibration_max_z`` in absolute value is redrawn, at most ``calibration_tries`` times (the key's
-            ``config["calibration_z"]`` keeps the final values).
+        num_queries: verification queries kept in the key (taken from ``verification.query_split``).
+        signal: the cosine's frequency, amplitude, target class and projection grid, and the baked term's weights.
+        verification: query split, number of null projections and the calibration of the customers' projections.
         key_path, seed, alpha, name: see :class:`~lightning_wm.watermarks.base.WatermarkScheme`.
     """
 
@@ -321,21 +348,9 @@ class CSPWatermark(WatermarkScheme):
         self,
         customers: list[str] | int = 1,
         embed: str | None = "customer0",
-        frequency: float = 8.0,
-        amplitude: float = 0.2,
-        target_class: int | None = None,
-        strength: float = 2.0,
-        log_strength: float = 0.5,
-        label_smoothing: float = 0.1,
         num_queries: int = 1000,
-        query_split: str = "defender",
-        null_keys: int = 500,
-        grid: int = 4,
-        calibration_references: int = 2,
-        calibration_epochs: int = 6,
-        calibration_lr: float = 2e-3,
-        calibration_max_z: float = 0.5,
-        calibration_tries: int = 100,
+        signal: SignalOptions | None = None,
+        verification: VerificationOptions | None = None,
         key_path: str | None = None,
         seed: int | None = None,
         alpha: float = 0.01,
@@ -347,33 +362,29 @@ class CSPWatermark(WatermarkScheme):
             raise ValueError(f"customers must be distinct names (or a positive count), got {customers!r}")
         if embed is not None and embed not in names:
             raise ValueError(f"embed={embed!r} is not one of the customers {names}")
-        if not 0.0 < amplitude < 1.0:
-            raise ValueError(f"amplitude must be in (0, 1), got {amplitude}")
+        self.signal: SignalOptions = _options(SignalOptions, signal)
+        self.verification: VerificationOptions = _options(VerificationOptions, verification)
+        if not 0.0 < self.signal.amplitude < 1.0:
+            raise ValueError(f"amplitude must be in (0, 1), got {self.signal.amplitude}")
+        if self.signal.strength < 0 or self.signal.log_strength < 0:
+            raise ValueError(
+                f"strength and log_strength must be >= 0, got {self.signal.strength} and {self.signal.log_strength}"
+            )
+        calibration = self.verification.calibration
+        if calibration.references < 0 or calibration.epochs < 1:
+            raise ValueError(
+                "CSPWatermark needs calibration.references >= 0 and calibration.epochs >= 1, got "
+                f"{calibration.references} and {calibration.epochs}"
+            )
+        if len(names) / (self.verification.null_keys + 1) >= alpha:
+            raise ValueError(
+                f"with {self.verification.null_keys} null projections and {len(names)} customers the smallest "
+                f"p-value is {len(names) / (self.verification.null_keys + 1):.3g}, not below alpha={alpha}: "
+                "raise verification.null_keys"
+            )
         self.customers = names
         self.embed = embed
-        self.frequency = frequency
-        self.amplitude = amplitude
-        self.target_class = target_class
-        if strength < 0 or log_strength < 0:
-            raise ValueError(f"strength and log_strength must be >= 0, got {strength} and {log_strength}")
-        self.strength = strength
-        self.log_strength = log_strength
-        self.label_smoothing = label_smoothing
         self.num_queries = num_queries
-        self.query_split = query_split
-        self.null_keys = null_keys
-        if calibration_references < 0 or calibration_epochs < 1:
-            raise ValueError(
-                "CSPWatermark needs calibration_references >= 0 and calibration_epochs >= 1, got "
-                f"{calibration_references} and {calibration_epochs}"
-            )
-        self.grid = grid
-        self.calibration_references = calibration_references
-        self.calibration_epochs = calibration_epochs
-        self.calibration_lr = calibration_lr
-        self.calibration_max_z = calibration_max_z
-        self.calibration_tries = calibration_tries
-        self._device_tensors: dict[str, Tensor] = {}
 
     @property
     def key(self) -> CSPKey:
@@ -383,97 +394,86 @@ class CSPWatermark(WatermarkScheme):
         datamodule = self.split_datamodule(trainer, "its data sets the key's phases")
         num_classes = int(getattr(datamodule, "num_classes", getattr(pl_module, "num_classes", 10)))
         rng = self.key_rng()
+        signal, verification = self.signal, self.verification
         train_x = datamodule.train_dataset.tensors[0]
         shape = tuple(train_x.shape[1:])
-        projection = smooth_projections(len(self.customers), shape, self.grid, rng)
+        projection = smooth_projections(len(self.customers), shape, signal.grid, rng)
         scores = train_x.flatten(1).float() @ projection.T
-        if self.target_class is None:
+        if signal.target_class is None:
             target = torch.randint(0, num_classes, (len(self.customers),), generator=rng)
         else:
-            target = torch.full((len(self.customers),), self.target_class)
-        query_x = datamodule.dataset(self.query_split).tensors[0]
-        order = torch.randperm(len(query_x), generator=rng)[: self.num_queries]
+            target = torch.full((len(self.customers),), signal.target_class)
+        query_set = datamodule.dataset(verification.query_split)
+        order = torch.randperm(len(query_set.tensors[0]), generator=rng)[: self.num_queries]
         tensors = {
             "projection": projection,
             "mean": scores.mean(0),
             "std": scores.std(0),
             "target": target,
-            "frequency": torch.full((len(self.customers),), float(self.frequency)),
+            "frequency": torch.full((len(self.customers),), float(signal.frequency)),
             "phase": torch.rand(len(self.customers), generator=rng) * 2 * math.pi,
-            "queries": query_x[order].clone(),
+            "queries": query_set.tensors[0][order].clone(),
+            "query_labels": query_set.tensors[1][order].clone(),
         }
-
-        config = {
+        calibration = verification.calibration
+        config: dict[str, Any] = {
             "customers": self.customers,
-            "amplitude": self.amplitude,
+            "amplitude": signal.amplitude,
             "num_classes": num_classes,
-            "null_keys": self.null_keys,
+            "null_keys": verification.null_keys,
             "input_shape": list(shape),
-            "grid": self.grid,
+            "grid": signal.grid,
             "null_seed": int(torch.randint(0, 2**62, (1,), generator=rng)),
-            "calibration_references": self.calibration_references,
-            "calibration_epochs": self.calibration_epochs,
+            "calibration_references": calibration.references,
+            "calibration_epochs": calibration.epochs,
         }
-        if self.calibration_references > 0:
-            tensors["calibration_probs"] = self._calibration_probs(
-                pl_module, datamodule.train_dataset.tensors, tensors["queries"], (config["null_seed"] + 1) % 2**62
-            )
-            key = CSPKey(config, tensors)
-            config["calibration_z"] = self._redraw_biased(key, train_x, shape, (config["null_seed"] + 2) % 2**62)
-            tensors = dict(key.tensors)
-        return CSPKey(config, tensors)
+        key = CSPKey(config, tensors)
+        if calibration.references > 0:
+            references = self._references(pl_module, datamodule, (config["null_seed"] + 1) % 2**62)
+            probs = [_probs(m, tensors["queries"]) for m in references]
+            config["calibration_z"] = self._redraw_biased(key, probs, train_x, shape, (config["null_seed"] + 2) % 2**62)
+        return CSPKey(config, dict(key.tensors))
 
-    def _redraw_biased(self, key: CSPKey, train_x: Tensor, shape: tuple[int, ...], seed: int) -> list[float]:
-        """Redraw (in place) every customer projection whose mean z on the clean references exceeds the bound.
-
-        A projection correlated with the inputs' class content scores high on every model, marked or not; its z
-        on clean references trained at key creation predicts that bias (correlation 0.8 on digits, csp_fp.md)..
-        """
-        t, cal = key.tensors, key.tensors["calibration_probs"]
-        rng = torch.Generator().manual_seed(seed)
-        zs = []
-        for i in range(len(self.customers)):
-            for _ in range(self.calibration_tries):
-                z = sum(_z(*key.score(ref, t["queries"], i)) for ref in cal) / len(cal)
-                if abs(z) <= self.calibration_max_z:
-                    break
-                v = smooth_projections(1, shape, self.grid, rng)[0]
-                scores = train_x.flatten(1).float() @ v
-                t["projection"][i], t["mean"][i], t["std"][i] = v, scores.mean(), scores.std()
-            zs.append(float(z))
-        return zs
-
-    def _calibration_probs(
-        self, pl_module: L.LightningModule, train: tuple[Tensor, ...], queries: Tensor, seed: int
-    ) -> Tensor:
-        """(R, N, K): outputs on the queries of ``calibration_references`` clean models trained here (no key)."""
+    def _references(self, pl_module: L.LightningModule, datamodule: Any, seed: int) -> list[nn.Module]:
         base = getattr(pl_module, "backbone", None)
         if base is None:
             base = getattr(pl_module, "model", None)
         if base is None:
             raise ValueError(
                 "CSPWatermark trains clean references from pl_module.backbone (or .model); the module has neither "
-                "(set calibration_references=0 to skip the calibration)"
+                "(set verification.calibration.references=0 to skip the calibration)"
             )
-        train_x, train_y = train[0], train[1]
-        device = next(base.parameters()).device
-        outputs = []
-        with torch.random.fork_rng(devices=[]):
-            for r in range(self.calibration_references):
-                torch.manual_seed(seed + r)
-                model = reinitialised_copy(base).to(device).train()
-                optimizer = torch.optim.Adam(model.parameters(), lr=self.calibration_lr)
-                for _ in range(self.calibration_epochs):
-                    for batch in torch.randperm(len(train_x)).split(64):
-                        loss = F.cross_entropy(model(train_x[batch].to(device)), train_y[batch].to(device))
-                        optimizer.zero_grad()
-                        loss.backward()
-                        optimizer.step()
-                model.eval()
-                with torch.no_grad():
-                    probs = [torch.softmax(model(q.to(device)).float(), -1).cpu() for q in queries.split(512)]
-                outputs.append(torch.cat(probs))
-        return torch.stack(outputs)
+        calibration = self.verification.calibration
+        return train_clean_models(
+            base, datamodule, calibration.references, calibration.epochs, seed % 2**31, lr=calibration.lr
+        )
+
+    def _redraw_biased(
+        self, key: CSPKey, references: list[Tensor], train_x: Tensor, shape: tuple[int, ...], seed: int
+    ) -> list[float]:
+        """Redraw (in place) every customer projection whose mean z on the clean references exceeds the bound.
+
+        A projection correlated with the inputs' class content scores high on every model, marked or not; its z on
+        clean references trained at key creation predicts that bias.
+        """
+        t, queries = key.tensors, key.tensors["queries"]
+        calibration = self.verification.calibration
+        rng = torch.Generator().manual_seed(seed)
+        zs = []
+        for i in range(len(self.customers)):
+            nulls = [key.null_scores(p, queries, i) for p in references]
+            fits = [(float(n.mean()), max(float(n.std()), 1e-12)) for n in nulls]
+            z = 0.0
+            for _ in range(calibration.tries):
+                z = sum((key.own_score(p, queries, i) - m) / s for p, (m, s) in zip(references, fits, strict=True))
+                z /= len(references)
+                if abs(z) <= calibration.max_z:
+                    break
+                v = smooth_projections(1, shape, self.signal.grid, rng)[0]
+                scores = train_x.flatten(1).float() @ v
+                t["projection"][i], t["mean"][i], t["std"][i] = v, scores.mean(), scores.std()
+            zs.append(float(z))
+        return zs
 
     def serve(self, model: nn.Module, customer: str | int | None = None) -> CSPHead:
         """``model`` behind ``customer``'s perturbation head (see :class:`CSPHead`)."""
@@ -489,15 +489,22 @@ class CSPWatermark(WatermarkScheme):
         x, y = batch[0], batch[1]
         logits = output["logits"] if isinstance(output, dict) and "logits" in output else pl_module(x)
         k = logits.shape[-1]
+        signal = self.signal
         with torch.autocast(logits.device.type, enabled=False):
-            reference = F.one_hot(y, k).float() * (1.0 - self.label_smoothing) + self.label_smoothing / k
+            reference = F.one_hot(y, k).float() * (1.0 - signal.label_smoothing) + signal.label_smoothing / k
             target = self.key.perturb(reference, x.float(), self.embed)
             log_p = F.log_softmax(logits.float(), dim=-1)
-            loss = self.strength * F.kl_div(log_p, target, reduction="batchmean")
-            if self.log_strength > 0:
+            loss = signal.strength * F.kl_div(log_p, target, reduction="batchmean")
+            if signal.log_strength > 0:
                 c = int(self.key.tensors["target"][self.key.index(self.embed)])
-                loss = loss + self.log_strength * F.mse_loss(log_p[:, c], target[:, c].log())
+                loss = loss + signal.log_strength * F.mse_loss(log_p[:, c], target[:, c].log())
         return loss
+
+
+@torch.no_grad()
+def _probs(model: nn.Module, x: Tensor) -> Tensor:
+    device = next(model.parameters()).device
+    return torch.cat([torch.softmax(model(q.to(device)).float(), -1).cpu() for q in x.split(512)])
 
 
 SCHEME = SchemeSpec(

@@ -1,0 +1,120 @@
+"""Side training: the clean models a scheme needs beside the marked one, trained by a Lightning ``Trainer``.
+
+Clean reference models (USP's detector negatives and calibration, CSP's calibration) are re-initialised copies of
+the owner's backbone trained with cross-entropy on the owner's training data; every scheme gets them here, from
+one helper, so no scheme writes an optimizer loop of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_wm.models.reinit import reinitialised_copy
+
+_QUIET = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "accelerator": "cpu",
+    "devices": 1,
+}
+
+
+class CleanModel(L.LightningModule):
+    """A backbone trained with cross-entropy and Adam: the clean (unmarked) model of side training."""
+
+    def __init__(self, backbone: nn.Module, lr: float = 2e-3) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.lr = lr
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def quiet_trainer(**kwargs: Any) -> L.Trainer:
+    """A single-device CPU ``Trainer`` without logger, checkpoints, progress bar or summary (``kwargs`` override)."""
+    return L.Trainer(**{**_QUIET, **kwargs})
+
+
+def train_clean_models(
+    template: nn.Module,
+    datamodule: Any,
+    count: int,
+    epochs: int,
+    seed: int,
+    trainer_kwargs: dict[str, Any] | None = None,
+    lr: float = 2e-3,
+    on_epoch: Callable[[int, int, nn.Module], None] | None = None,
+) -> list[nn.Module]:
+    """``count`` re-initialised copies of ``template`` trained ``epochs`` epochs on ``datamodule``'s training data.
+
+    Copy ``i`` draws its weights and its data order from ``seed + i`` (torch's global generator is restored after),
+    so the models are reproducible and independent of the caller's random state. ``on_epoch(i, epoch, model)`` is
+    called before training (epoch 0, the untrained network) and after every epoch, in eval mode. The DataModule's
+    loader is used, not the DataModule itself, so a DataModule attached to a running fit stays attached to it.
+    """
+    models: list[nn.Module] = []
+    hook = [_EpochHook(on_epoch)] if on_epoch is not None else []
+    options = {**(trainer_kwargs or {}), "max_epochs": epochs}
+    options["callbacks"] = [*options.get("callbacks", []), *hook]
+    log = logging.getLogger("lightning.pytorch")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            models += [_train_one(template, datamodule, seed + i, lr, options, hook, i) for i in range(count)]
+    finally:
+        log.setLevel(level)
+    return models
+
+
+def _train_one(
+    template: nn.Module,
+    datamodule: Any,
+    seed: int,
+    lr: float,
+    options: dict[str, Any],
+    hook: list[_EpochHook],
+    index: int,
+) -> nn.Module:
+    torch.manual_seed(seed)
+    module = CleanModel(reinitialised_copy(template), lr=lr)
+    if hook:
+        hook[0].index = index
+    quiet_trainer(**options).fit(module, train_dataloaders=datamodule.train_dataloader())
+    return module.backbone.eval().requires_grad_(False)
+
+
+class _EpochHook(L.Callback):
+    def __init__(self, fn: Callable[[int, int, nn.Module], None]) -> None:
+        self.fn = fn
+        self.index = 0
+
+    def _call(self, epoch: int, pl_module: L.LightningModule) -> None:
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            self.fn(self.index, epoch, pl_module.backbone)
+        pl_module.train(was_training)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._call(0, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._call(trainer.current_epoch + 1, pl_module)
