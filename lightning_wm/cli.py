@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -16,8 +17,9 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_wm.benchmark.matrix import AttackFactory
 from lightning_wm.data.base import DatasetNotFoundError
+from lightning_wm.registry import RegistryError
 from lightning_wm.verify.keys import KeyFileError, load_key
-from lightning_wm.verify.verdict import Verdict
+from lightning_wm.verify.verdict import NotApplicable, Verdict
 from lightning_wm.watermarks.base import WatermarkScheme
 
 
@@ -30,7 +32,7 @@ class WatermarkTrainer(L.Trainer):
         key: str,
         ckpt_path: str | None = None,
         alpha: float = 0.01,
-        layer: str | None = None,
+        options: dict[str, Any] | None = None,
         datamodule: L.LightningDataModule | None = None,
     ) -> Verdict:
         """Test a suspect model for the watermark of a key file and print the verdict.
@@ -38,15 +40,16 @@ class WatermarkTrainer(L.Trainer):
         Args:
             model: the suspect's architecture (the config's ``model``); its weights come from ``ckpt_path``.
             key: the owner's key file.
-            ckpt_path: the suspect's checkpoint (a ``.ckpt`` of ``lightning-wm fit`` or of an attack).
+            ckpt_path: the suspect's checkpoint (a ``.ckpt`` of ``lightning-wm fit`` or of an attack); required.
             alpha: significance level of the decision.
-            layer: for white-box schemes, the suspect's layer to read when its name differs from the key's.
+            options: keyword arguments of the key's ``verify``, e.g. ``'{"layer": "conv2"}'`` (a white-box key
+                reading a layer of another name), ``'{"customer": "alice"}'`` (CSP).
         """
+        if ckpt_path is None:
+            raise ValueError("verify needs the suspect: give its checkpoint with --ckpt_path")
         owner_key = load_key(key)
-        if ckpt_path is not None:
-            load_weights(model, ckpt_path)
-        kwargs = {"layer": layer} if layer is not None else {}
-        verdict = owner_key.verify(model.eval(), alpha=alpha, **kwargs)
+        load_weights(model, ckpt_path)
+        verdict = owner_key.verify(model.eval(), alpha=alpha, **_verify_options(owner_key, options or {}))
         if self.logger is not None:
             self.logger.log_hyperparams({"verify/key_fingerprint": owner_key.fingerprint()[:16], "verify/alpha": alpha})
             self.logger.log_metrics(
@@ -161,6 +164,17 @@ class WatermarkTrainer(L.Trainer):
         return rows
 
 
+def _verify_options(key: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` checked against the key's ``verify`` signature, so a misspelt option is an error, not ignored."""
+    accepted = set(inspect.signature(key.verify).parameters) - {"suspect", "alpha"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(
+            f"{key.scheme} keys do not take the verify option(s) {unknown}; they take {sorted(accepted) or 'none'}"
+        )
+    return options
+
+
 def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> None:
     """Load the ``state_dict`` of a Lightning checkpoint into ``model``, with a one-line error when it does not fit."""
     path = Path(ckpt_path)
@@ -209,7 +223,16 @@ class WatermarkCLI(LightningCLI):
         return commands
 
 
-_USER_ERRORS = (ArgumentError, DatasetNotFoundError, KeyFileError, FileNotFoundError, ValueError, TypeError)
+_USER_ERRORS = (
+    ArgumentError,
+    DatasetNotFoundError,
+    KeyFileError,
+    FileNotFoundError,
+    NotApplicable,
+    RegistryError,
+    ValueError,
+    TypeError,
+)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -1,11 +1,21 @@
-"""Shared fixtures: fast Trainers on the bundled digits data; nothing touches the network."""
+"""Shared fixtures: fast Trainers on the bundled digits data, the registered schemes' examples embedded once per
+module (``marked``), and the test-only plugin scheme; nothing touches the network."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from pathlib import Path
 
 import lightning as L
 import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_wm import ImageClassifier, registry
+from lightning_wm.data import DigitsDataModule
+from lightning_wm.models import SmallCNN
+from lightning_wm.verify import WatermarkKey
+from lightning_wm.watermarks import WatermarkScheme
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -30,8 +40,6 @@ def fast_trainer(max_epochs: int = 1, callbacks: list | None = None, **kwargs) -
 @pytest.fixture(scope="module")
 def dm():
     """One digits DataModule per test module (its split is seeded, so sharing it changes nothing)."""
-    from lightning_wm.data import DigitsDataModule
-
     return DigitsDataModule(batch_size=64)
 
 
@@ -44,3 +52,75 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# The registry's examples: what the conformance suite and the reliability tests train on digits.
+
+WIDTH = 8
+
+
+def example_scheme(name: str, seed: int | None, key_path: Path | None = None) -> WatermarkScheme:
+    return registry.scheme(name).example(seed=seed, key_path=None if key_path is None else str(key_path))
+
+
+def example_outputs(name: str) -> int:
+    return 10 + registry.scheme(name).example_outputs
+
+
+def example_model(name: str, width: int = WIDTH) -> ImageClassifier:
+    return ImageClassifier(SmallCNN(1, example_outputs(name), width), num_classes=10)
+
+
+def embed_example(name: str, seed: int, dm: DigitsDataModule, callbacks: list | None = None, **kwargs) -> tuple:
+    scheme = example_scheme(name, seed=seed, key_path=kwargs.pop("key_path", None))
+    L.seed_everything(seed)
+    model = example_model(name)
+    trainer = fast_trainer(registry.scheme(name).example_epochs, [scheme, *(callbacks or [])], **kwargs)
+    trainer.fit(model, dm)
+    return scheme, model.eval(), trainer
+
+
+class Marked:
+    """A scheme, the model it marked, its key file and every checkpoint written while and after training."""
+
+    def __init__(self, name: str, root: Path, dm: DigitsDataModule) -> None:
+        self.name = name
+        self.root = root
+        self.key_path = root / f"{name}.key"
+        full = ModelCheckpoint(dirpath=root / "full", save_last=True, every_n_train_steps=10, save_top_k=-1)
+        weights = ModelCheckpoint(dirpath=root / "weights", save_weights_only=True, save_last=True)
+        self.scheme, self.model, trainer = embed_example(
+            name, 1, dm, [full, weights], key_path=self.key_path, enable_checkpointing=True
+        )
+        trainer.save_checkpoint(root / "saved.ckpt")
+        trainer.save_checkpoint(root / "saved_weights.ckpt", weights_only=True)
+        self.model.eval()
+
+    @property
+    def key(self) -> WatermarkKey:
+        return self.scheme.key
+
+    def checkpoints(self) -> list[Path]:
+        return sorted(self.root.rglob("*.ckpt"))
+
+
+@pytest.fixture(scope="module")
+def marked(tmp_path_factory, dm: DigitsDataModule) -> Callable[[str], Marked]:
+    cache: dict[str, Marked] = {}
+
+    def get(name: str) -> Marked:
+        if name not in cache:
+            cache[name] = Marked(name, tmp_path_factory.mktemp(name), dm)
+        return cache[name]
+
+    return get
+
+
+def pytest_configure(config) -> None:
+    """Register the test-only plugin scheme (tests/toy_plugin.py) before collection, as an installed plugin
+    package's entry point would: the conformance suite, ``verify`` and the benchmark then pick it up."""
+    from toy_plugin import TOY
+
+    from lightning_wm import registry
+
+    registry.register_scheme(TOY)
