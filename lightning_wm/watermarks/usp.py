@@ -1,29 +1,28 @@
 """USP: Unified Soft-label Perturbation (Chien & Shen, arXiv 2208.05477, 2022).
 
-The paper's body is unavailable (papers.md §4.2). Its abstract says USP has "a detector paired with the model to
-be watermarked"; the only re-implementation found (papers.md §4.3) builds it on Nasty Teacher (Ma et al., ICLR
-2021, papers.md §5.4). This module follows papers.md §4.4:
+Chien & Shen's abstract says USP has "a detector paired with the model to be watermarked". This module builds it
+on Nasty Teacher (Ma et al., ICLR 2021):
 
 * the model f_θ is trained with CE − ω·τ²·KL(σ(f_θ/τ) ‖ σ(f_A/τ)) + λ·(−log D(f_θ)): the Nasty-Teacher term
   pushes its soft labels away from a clean reference f_A, the detector term makes them carry one signature;
-* a small detector D learns to tell f_θ's output distributions (label 1) from clean references' (label 0).
+* a small detector D learns to tell f_θ's output distributions (label 1) from clean models' (label 0).
 
 D is part of the owner's key: its weights are written to the key file, never to the model checkpoint. A student
 distilled from f_θ's soft labels inherits the signature, so D flags its outputs; verification compares D's
-positive rate on the suspect's outputs with a clean rate (binomial test) measured on held-out clean models.
+positive rate on the suspect's outputs with the largest rate of held-out clean models (binomial test).
 
-Deviations (labelled, the paper's details being unknown): D reads the per-row standardised log-probabilities,
-which equal the standardised logits, so its decision does not depend on the softmax temperature a suspect or a
-student uses; the detector loss is back-propagated into f_θ (the re-implementation detaches it); D learns
-against several clean references (and replayed earlier outputs of them), not one, and the clean rate of the test
-is calibrated on held-out clean references (``USPWatermark``'s docstring says why).
+Deviations (the paper's details being unknown): D reads the per-row standardised log-probabilities, which equal
+the standardised logits, so its decision does not depend on the softmax temperature a suspect or a student uses.
+The clean models D learns to reject, and the held-out ones that set the null, are trained before embedding and
+include every stage of their training (the untrained network first) and magnitude-pruned copies, so that an
+untrained or a collapsed network is among what D has learned to call clean.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
-import math
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,51 +31,39 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.utils import prune
+from torch.utils.data import DataLoader
 
-from lightning_wm.models.reinit import reinitialised_copy
 from lightning_wm.registry import SchemeSpec
-from lightning_wm.verify.blackbox import Suspect, check_outputs, query_probs
+from lightning_wm.side_training import quiet_trainer, train_clean_models
+from lightning_wm.verify.blackbox import Suspect, check_outputs, degenerate_reason, query_probs
 from lightning_wm.verify.keys import WatermarkKey
 from lightning_wm.verify.stats import binomial_log10_p_value, binomial_threshold
 from lightning_wm.verify.verdict import Verdict
 from lightning_wm.watermarks.base import WatermarkScheme
+from lightning_wm.watermarks.functional import detector_features, make_detector, nasty_teacher_divergence
 
-_LOG_FLOOR = math.log(1e-12)
-
-
-def detector_features(log_probs: Tensor) -> Tensor:
-    """What the detector reads: log-probabilities floored at log 1e-12 and standardised over the classes.
-
-    Standardising removes the additive log-normaliser and the temperature (log_softmax(z/T) standardised is z
-    standardised), so outputs served at any temperature, and students distilled at any temperature, look alike.
-    """
-    lp = log_probs.float().clamp_min(_LOG_FLOOR)
-    lp = lp - lp.mean(dim=-1, keepdim=True)
-    return lp / lp.std(dim=-1, keepdim=True).clamp_min(1e-6)
-
-
-def make_detector(num_classes: int, hidden: Sequence[int]) -> nn.Sequential:
-    """The detector D: an MLP from the K standardised log-probabilities to one logit (positive: watermarked)."""
-    layers: list[nn.Module] = []
-    width = num_classes
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        width = h
-    layers.append(nn.Linear(width, 1))
-    return nn.Sequential(*layers)
+__all__ = [
+    "EmbeddingOptions",
+    "ReferenceOptions",
+    "USPKey",
+    "USPWatermark",
+    "VerificationOptions",
+    "detector_features",
+    "make_detector",
+]
 
 
 class USPKey(WatermarkKey):
-    """The detector's weights, the verification queries and the empirical null of clean models.
+    """The detector's weights, the verification queries and the null of clean models.
 
-    Tensors: ``detector.<name>`` (the detector's state dict), ``queries`` (N, *input_shape). Config:
-    ``num_classes``, ``hidden``, ``clean_rate`` (the detector's largest positive rate on the outputs of the clean
-    references it was trained against), ``calibration_rates`` (its positive rates on the outputs of held-out clean
-    references, trained like the others but never shown to the detector, at the end of every training epoch:
-    an empirical null of independently trained clean models, early and late in their training) and
-    ``null_rate``, the rate the binomial null assumes: the largest calibration rate plus the scheme's
-    ``null_margin``, and at least its ``null_rate`` floor. A key without calibration rates (written before they
-    existed) keeps its ``null_rate``.
+    Tensors: ``detector.<name>`` (the detector's state dict), ``queries`` (N, *input_shape) and ``query_labels``
+    (N,). Config: ``num_classes``, ``hidden``, ``clean_rate`` (the detector's largest positive rate on the
+    references it was trained against), ``calibration_rates`` and ``calibration_accuracies`` (its rates on, and
+    the accuracies of, held-out clean references at every stage of their training and pruned), ``null_rate`` (the
+    rate the binomial null assumes for a suspect at least as accurate as ``calibration_accuracy``: the largest
+    rate of comparable calibration models plus a margin) and ``null_rate_any_accuracy`` (the same over every
+    calibration model, for less accurate suspects).
     """
 
     scheme = "usp"
@@ -94,27 +81,28 @@ class USPKey(WatermarkKey):
         return self.detector()(detector_features(probs.float().clamp_min(1e-30).log())).squeeze(-1) > 0
 
     def null_rate(self, query_accuracy: float | None) -> float:
-        """The clean rate the binomial null assumes for a suspect of this accuracy on the queries.
-
-        Suspects at least as accurate as ``calibration_accuracy`` are tested against the calibration snapshots
-        that were; a less accurate suspect (or one whose accuracy is unknown) against every snapshot, barely
-        trained ones included, which the detector may flag more often.
-        """
+        """The clean rate the binomial null assumes for a suspect of this accuracy on the queries (None: unknown)."""
         floor = float(self.config.get("calibration_accuracy", 0.0))
         if query_accuracy is not None and query_accuracy >= floor:
             return float(self.config["null_rate"])
         return float(self.config.get("null_rate_any_accuracy", self.config["null_rate"]))
 
     def verify(self, suspect: Suspect, alpha: float = 0.01, inputs: Tensor | None = None) -> Verdict:
-        """Query ``suspect`` and test whether the detector flags its outputs more often than clean ones."""
+        """Query ``suspect`` and test whether the detector flags its outputs more often than clean ones.
+
+        On the key's own queries a suspect whose answers are near-constant or at chance accuracy is undecidable.
+        """
         x = self.tensors["queries"] if inputs is None else inputs
         probs, queries = query_probs(suspect, x)
-        check_outputs(probs, int(self.config["num_classes"]), "USP")
+        num_classes = int(self.config["num_classes"])
+        check_outputs(probs, num_classes, "USP")
         flagged = self.flags(probs)
         hits, total = int(flagged.sum()), len(flagged)
-        accuracy = None
+        accuracy, undecidable = None, None
         if inputs is None and "query_labels" in self.tensors:
-            accuracy = float(probs.argmax(-1).eq(self.tensors["query_labels"]).float().mean())
+            predicted, labels = probs.argmax(-1), self.tensors["query_labels"]
+            accuracy = float(predicted.eq(labels).float().mean())
+            undecidable = degenerate_reason(predicted, labels, num_classes)
         null_rate = self.null_rate(accuracy)
         return Verdict.decide(
             scheme=self.scheme,
@@ -124,8 +112,9 @@ class USPKey(WatermarkKey):
             alpha=alpha,
             threshold=binomial_threshold(total, null_rate, alpha) / total,
             queries=queries,
+            undecidable=undecidable,
             null=f"a clean model's outputs are flagged with probability {null_rate:.3g} (binomial; the largest "
-            "rate of held-out clean references of comparable accuracy plus a margin)",
+            "rate of held-out clean references, trained, untrained or pruned, of comparable accuracy, plus a margin)",
             details={
                 "flagged": hits,
                 "query_accuracy": accuracy,
@@ -136,52 +125,112 @@ class USPKey(WatermarkKey):
         )
 
 
-class USPWatermark(WatermarkScheme):
-    """Unified Soft-label Perturbation (Chien & Shen 2022) with a paired detector (module docstring).
+@dataclass(frozen=True)
+class ReferenceOptions:
+    """The clean models trained before embedding (by :func:`~lightning_wm.side_training.train_clean_models`).
 
-    The loss term (added by :class:`~lightning_wm.mixin.WatermarkMixin`, inside the step, so DDP and AMP see
-    it) is ``−ω·τ²·KL(σ(z_θ/τ) ‖ σ(z_A/τ)) + λ·BCE(D(z_θ), 1)`` with D's parameters detached and z_A the first
-    reference's logits.
+    Attributes:
+        count: references the detector learns to reject (a given ``reference`` counts as one).
+        calibration: held-out references, never shown to the detector, whose rates make the key's null.
+        epochs: their training epochs; every epoch's state (and the untrained network) is a clean model.
+        lr: their Adam learning rate.
+        prune_rates: each final reference is also kept magnitude-pruned (global, unstructured) at these rates.
+        max_inputs: training inputs on which the detector references' outputs are recorded.
+    """
 
-    The detector (and the on-the-fly references) are trained by this callback in ``on_train_batch_end`` on
-    *detached* outputs, each with its own Adam optimizer, outside the LightningModule's graph: a ``backward()``
-    that touches no DDP-wrapped parameter does not disturb DDP's reducer, and their gradients are averaged over
-    ranks with ``trainer.strategy.reduce`` so every rank keeps the same detector. Why not a second optimizer of the
-    module: the detector is a secret of the key, it must not enter the model's checkpoint or its parameters.
+    count: int = 3
+    calibration: int = 2
+    epochs: int = 6
+    lr: float = 2e-3
+    prune_rates: tuple[float, ...] = (0.5, 0.8, 0.9)
+    max_inputs: int = 4096
 
-    Why several references and a calibrated null (deviation, labelled): a detector trained against one clean
-    reference learns whatever tells the marked model from *that* model (which is itself still training), so other
-    clean models were flagged at rates 0.4-0.6 against an assumed 0.25, and 2 of 10 independently trained digits
-    models were declared at alpha 0.01. The detector now learns against ``references`` clean models (different
-    initialisations) and the key's null comes from ``calibration_references`` more, trained the same way on the
-    same batches but never shown to the detector: their rates on the queries at the end of every epoch (under the
-    final detector) are stored in the key, and a suspect's rate is tested (binomial) against the largest of them
-    plus ``null_margin``.
 
-    Args:
-        reference: the first clean reference f_A: a checkpoint of a clean ``ImageClassifier``, a module, or None to
-            train it on the fly (a re-initialised copy of the model's backbone, trained with CE on the same
-            batches by this callback; on resume the on-the-fly models start again from scratch).
-        references: how many clean references the detector learns to reject (the given ``reference``, if any,
-            counts as one; the others are trained on the fly).
-        calibration_references: held-out clean references trained on the fly whose detector rates make the
-            key's null (0: the null is the ``null_rate`` floor alone).
-        divergence: ω, weight of the Nasty-Teacher term (0.04 in Nasty Teacher's CIFAR-10 setting).
+@dataclass(frozen=True)
+class EmbeddingOptions:
+    """The loss terms of the marked model and the detector they are trained against.
+
+    Attributes:
+        divergence: ω, weight of the Nasty-Teacher term (0.04 in Nasty Teacher's CIFAR-10 setting; 0 skips the
+            reference's forward pass).
         temperature: τ of the Nasty-Teacher term.
         detector_weight: λ, weight of the detector term.
         detector_hidden: hidden widths of the detector MLP.
-        detector_lr: Adam learning rate of the detector (and of the on-the-fly references).
+        detector_lr: Adam learning rate of the detector.
+        detector_steps: detector steps at the end of every epoch, on that epoch's outputs of the marked model
+            against the clean references' outputs.
+        detector_batch_size: their batch size.
+    """
+
+    divergence: float = 0.0005
+    temperature: float = 4.0
+    detector_weight: float = 0.5
+    detector_hidden: tuple[int, ...] = (64, 64)
+    detector_lr: float = 1e-3
+    detector_steps: int = 15
+    detector_batch_size: int = 2048
+
+
+@dataclass(frozen=True)
+class VerificationOptions:
+    """Where the queries come from and the binomial null's clean rate.
+
+    Attributes:
+        query_split: the DataModule split the queries come from.
         null_rate: floor of the clean positive rate the binomial null assumes.
         null_margin: added to the largest calibration rate: independently trained clean models (other seeds,
-            data orders, widths, numbers of epochs) vary more than the held-out references, which share the
-            marked model's batches (measured on digits: a 3-epoch clean model at 0.23 where the calibration
-            snapshots of its accuracy reached 0.08, hence 0.25).
-        calibration_accuracy: calibration snapshots less accurate than this on the queries (barely trained
-            models, which the detector may flag at any rate) only enter the null of suspects that are too.
-        feature_noise: standard deviation of Gaussian noise added to the detector's (standardised) inputs while
-            it trains (0: none; measured on digits, 0.3 made clean models' rates higher, not lower).
+            data orders, widths, numbers of epochs) vary more than the held-out references.
+        calibration_accuracy: calibration models less accurate than this on the queries (barely trained or
+            pruned ones) only enter the null of suspects that are too.
+    """
+
+    query_split: str = "defender"
+    null_rate: float = 0.05
+    null_margin: float = 0.25
+    calibration_accuracy: float = 0.5
+
+
+def _options(cls: type, value: Any) -> Any:
+    if value is None:
+        return cls()
+    return cls(**value) if isinstance(value, dict) else value
+
+
+class DetectorModule(L.LightningModule):
+    """USP's detector, fitted by a nested ``Trainer`` on cached output features (weighted BCE, Adam)."""
+
+    def __init__(self, detector: nn.Module, lr: float) -> None:
+        super().__init__()
+        self.detector = detector
+        self.lr = lr
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        features, labels, weights = batch
+        return F.binary_cross_entropy_with_logits(self.detector(features).squeeze(-1), labels, weight=weights)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.detector.parameters(), lr=self.lr)
+
+
+class USPWatermark(WatermarkScheme):
+    """Unified Soft-label Perturbation (Chien & Shen 2022) with a paired detector (module docstring).
+
+    Before training, ``references.count`` clean references (re-initialised copies of the backbone, or the given
+    ``reference`` and copies) and ``references.calibration`` held-out ones are trained through Lightning; their
+    outputs at every epoch (the untrained network first) and pruned, are the detector's negatives and the null.
+    The loss term (added by :class:`~lightning_wm.mixin.WatermarkMixin`, inside the step, so DDP and AMP see it)
+    is ``−ω·τ²·KL(σ(z_θ/τ) ‖ σ(z_A/τ)) + λ·BCE(D(z_θ), 1)`` with D's parameters detached and z_A the first
+    reference's logits. At the end of every epoch rank 0 fits D (:class:`DetectorModule`, a nested ``Trainer``)
+    on that epoch's detached outputs of the model against the references' outputs and broadcasts it. D is a secret
+    of the key: it never enters the model's parameters or checkpoint.
+
+    Args:
+        reference: the first clean reference f_A: a checkpoint of a clean ``ImageClassifier``, a module, or None to
+            train it with the others.
         num_queries: verification queries kept in the key.
-        query_split: the DataModule split the queries come from.
+        references: how many clean references, and how they are trained.
+        embedding: the loss terms' weights and the detector's training.
+        verification: query split and the binomial null's clean rate.
         key_path, seed, alpha, name: see :class:`~lightning_wm.watermarks.base.WatermarkScheme`.
     """
 
@@ -190,58 +239,37 @@ class USPWatermark(WatermarkScheme):
     def __init__(
         self,
         reference: str | nn.Module | None = None,
-        references: int = 3,
-        calibration_references: int = 2,
-        divergence: float = 0.0005,
-        temperature: float = 4.0,
-        detector_weight: float = 0.5,
-        detector_hidden: Sequence[int] = (64, 64),
-        detector_lr: float = 1e-3,
-        null_rate: float = 0.05,
-        null_margin: float = 0.25,
-        calibration_accuracy: float = 0.5,
-        feature_noise: float = 0.0,
-        snapshot_negatives: bool = True,
         num_queries: int = 1000,
-        query_split: str = "defender",
+        references: ReferenceOptions | None = None,
+        embedding: EmbeddingOptions | None = None,
+        verification: VerificationOptions | None = None,
         key_path: str | None = None,
         seed: int | None = None,
         alpha: float = 0.01,
         name: str | None = None,
     ) -> None:
         super().__init__(key_path=key_path, seed=seed, alpha=alpha, name=name)
-        if not 0.0 <= null_rate < 1.0:
-            raise ValueError(f"null_rate must be in [0, 1), got {null_rate}")
-        if not 0.0 <= null_margin < 1.0:
-            raise ValueError(f"null_margin must be in [0, 1), got {null_margin}")
-        if references < 1 or calibration_references < 0:
+        self.references: ReferenceOptions = _options(ReferenceOptions, references)
+        self.embedding: EmbeddingOptions = _options(EmbeddingOptions, embedding)
+        self.verification: VerificationOptions = _options(VerificationOptions, verification)
+        if not 0.0 <= self.verification.null_rate < 1.0:
+            raise ValueError(f"null_rate must be in [0, 1), got {self.verification.null_rate}")
+        if not 0.0 <= self.verification.null_margin < 1.0:
+            raise ValueError(f"null_margin must be in [0, 1), got {self.verification.null_margin}")
+        if self.references.count < 1 or self.references.calibration < 0 or self.references.epochs < 1:
             raise ValueError(
-                f"USPWatermark needs references >= 1 and calibration_references >= 0, got {references} and "
-                f"{calibration_references}"
+                "USPWatermark needs references.count >= 1, references.calibration >= 0 and references.epochs >= 1, "
+                f"got {self.references}"
             )
         self.reference = reference
-        self.references = references
-        self.calibration_references = calibration_references
-        self.divergence = divergence
-        self.temperature = temperature
-        self.detector_weight = detector_weight
-        self.detector_hidden = list(detector_hidden)
-        self.detector_lr = detector_lr
-        self.null_rate = null_rate
-        self.null_margin = null_margin
-        self.calibration_accuracy = calibration_accuracy
-        self.feature_noise = feature_noise
-        self.snapshot_negatives = snapshot_negatives
         self.num_queries = num_queries
-        self.query_split = query_split
-        self._references: list[nn.Module] = []
-        self._trained: list[bool] = []
-        self._calibration: list[nn.Module] = []
+        self._reference: nn.Module | None = None
+        self._reference_rates: list[Tensor] = []
+        self._negatives: Tensor | None = None
         self._calibration_probs: list[Tensor] = []
-        self._snapshots: list[Tensor] = []
-        self._past: Tensor | None = None
+        self._positives: list[Tensor] = []
         self._detector: nn.Sequential | None = None
-        self._optimizers: dict[str, torch.optim.Optimizer] = {}
+        self._fits = 0
 
     @property
     def key(self) -> USPKey:
@@ -251,74 +279,22 @@ class USPWatermark(WatermarkScheme):
         datamodule = self.split_datamodule(trainer, "its data gives the queries")
         num_classes = int(getattr(datamodule, "num_classes", getattr(pl_module, "num_classes", 10)))
         rng = self.key_rng()
-        query_x = datamodule.dataset(self.query_split).tensors[0]
-        order = torch.randperm(len(query_x), generator=rng)[: self.num_queries]
-        with torch.random.fork_rng():
+        query_set = datamodule.dataset(self.verification.query_split)
+        order = torch.randperm(len(query_set.tensors[0]), generator=rng)[: self.num_queries]
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng)))
-            detector = make_detector(num_classes, self.detector_hidden)
+            detector = make_detector(num_classes, self.embedding.detector_hidden)
         config = {
             "num_classes": num_classes,
-            "hidden": self.detector_hidden,
+            "hidden": list(self.embedding.detector_hidden),
             "clean_rate": 0.0,
             "calibration_rates": [],
-            "null_rate": self.null_rate,
+            "null_rate": self.verification.null_rate,
         }
         tensors = {f"detector.{n}": t.clone() for n, t in detector.state_dict().items()}
-        tensors["queries"] = query_x[order].clone()
-        tensors["query_labels"] = datamodule.dataset(self.query_split).tensors[1][order].clone()
+        tensors["queries"] = query_set.tensors[0][order].clone()
+        tensors["query_labels"] = query_set.tensors[1][order].clone()
         return USPKey(config, tensors)
-
-    def _fresh_copies(self, pl_module: L.LightningModule, count: int, salt: int) -> list[nn.Module]:
-        """``count`` re-initialised copies of the backbone, seeded from the key (the same on every DDP rank)."""
-        base = getattr(pl_module, "backbone", None)
-        if base is None:
-            base = getattr(pl_module, "model", None)
-        if base is None:
-            raise ValueError("USPWatermark trains copies of pl_module.backbone (or .model); the module has neither")
-        root = int(self._identity()[:15], 16)
-        copies = []
-        for i in range(count):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(root + 1000 * salt + i)
-                copies.append(reinitialised_copy(base))
-        return copies
-
-    def on_key_ready(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._detector = self.key.detector().train()
-        given: list[nn.Module] = []
-        if isinstance(self.reference, nn.Module):
-            given = [self.reference]
-        elif self.reference is not None:
-            from lightning_wm.classifier import load_classifier
-
-            given = [load_classifier(self.reference)]
-        for module in given:
-            module.requires_grad_(False).eval()
-        fresh = self._fresh_copies(pl_module, self.references - len(given), salt=1)
-        self._references = [*given, *fresh]
-        self._trained = [False] * len(given) + [True] * len(fresh)
-        self._calibration = self._fresh_copies(pl_module, self.calibration_references, salt=2)
-        self._calibration_probs = []
-        self._snapshots = []
-        self._past = None
-        self._replay_generator = torch.Generator().manual_seed(int(self._identity()[15:30], 16))
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._resumed_fingerprint is not None and self._resumed_fingerprint != self._identity():
-            raise RuntimeError(
-                f"USPWatermark: the checkpoint was trained with key {self._resumed_fingerprint[:12]}, the key now in "
-                f"use is {self._identity()[:12]}; resume with the original key_path"
-            )
-        assert self._detector is not None
-        self._detector.to(pl_module.device)
-        self._optimizers = {"detector": torch.optim.Adam(self._detector.parameters(), lr=self.detector_lr)}
-        for i, module in enumerate(self._references):
-            module.to(pl_module.device)
-            if self._trained[i]:
-                self._optimizers[f"reference{i}"] = torch.optim.Adam(module.parameters(), lr=self.detector_lr)
-        for i, module in enumerate(self._calibration):
-            module.to(pl_module.device)
-            self._optimizers[f"calibration{i}"] = torch.optim.Adam(module.parameters(), lr=self.detector_lr)
 
     def _identity(self) -> str:
         """SHA-256 of the queries: names the key across the detector's updates (a checkpoint stores only this)."""
@@ -329,79 +305,133 @@ class USPWatermark(WatermarkScheme):
             return {}
         return {"fingerprint": self._identity(), "key_path": self.key_path}
 
-    @staticmethod
-    def _logits(module: nn.Module, x: Tensor) -> Tensor:
-        was_training = module.training
-        module.eval()
-        with torch.no_grad():
-            out = module(x)
-        module.train(was_training)
-        return out.float()
+    def _given_reference(self) -> nn.Module | None:
+        if isinstance(self.reference, nn.Module):
+            return self.reference
+        if self.reference is not None:
+            from lightning_wm.classifier import load_classifier
 
-    def _query_probs(self, module: nn.Module) -> Tensor:
-        """``module``'s output distributions on the key's queries (on the CPU)."""
-        device = next(module.parameters()).device
+            return load_classifier(self.reference)
+        return None
+
+    def on_key_ready(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._detector = self.key.detector().train()
+        self._positives = []
+        base = getattr(pl_module, "backbone", None)
+        if base is None:
+            base = getattr(pl_module, "model", None)
+        if base is None:
+            raise ValueError("USPWatermark trains copies of pl_module.backbone (or .model); the module has neither")
+        reference = None
+        if trainer.is_global_zero:
+            reference = self._train_references(trainer, base)
+        state = trainer.strategy.broadcast(
+            {n: t.cpu() for n, t in reference.state_dict().items()} if reference is not None else None, src=0
+        )
+        if reference is None:
+            reference = copy.deepcopy(base)
+            reference.load_state_dict(state)
+        self._reference = reference.to(pl_module.device).eval().requires_grad_(False)
+
+    def _train_references(self, trainer: L.Trainer, base: nn.Module) -> nn.Module:
+        """Train the clean references (rank 0); record their outputs: negatives on training inputs, null on queries."""
+        options = self.references
+        datamodule = trainer.datamodule
+        train_x = datamodule.train_dataset.tensors[0]
+        pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(int(self._identity()[:15], 16)))
+        inputs = train_x[pick[: options.max_inputs]]
         queries = self.key.tensors["queries"]
-        return torch.cat([torch.softmax(self._logits(module, q.to(device)), -1).cpu() for q in queries.split(512)])
+        given = self._given_reference()
+        fresh = options.count - (given is not None)
+        negatives: list[Tensor] = []
+        calibration: list[Tensor] = []
+
+        def record(index: int, epoch: int, model: nn.Module) -> None:
+            if index < fresh:
+                negatives.append(_logits(model, inputs))
+            else:
+                calibration.append(torch.softmax(_logits(model, queries), -1))
+
+        seed = int(self._identity()[15:24], 16)
+        models = train_clean_models(
+            base, datamodule, fresh + options.calibration, options.epochs, seed, lr=options.lr, on_epoch=record
+        )
+        detector_refs = ([given.eval()] if given is not None else []) + models[:fresh]
+        if given is not None:
+            negatives.append(_logits(given, inputs))
+        for rate in options.prune_rates:
+            negatives += [_logits(_pruned(m, rate), inputs) for m in detector_refs]
+            calibration += [torch.softmax(_logits(_pruned(m, rate), queries), -1) for m in models[fresh:]]
+        self._negatives = torch.cat(negatives)
+        self._calibration_probs = calibration
+        self._reference_rates = [torch.softmax(_logits(m, queries), -1) for m in detector_refs]
+        return detector_refs[0]
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._resumed_fingerprint is not None and self._resumed_fingerprint != self._identity():
+            raise RuntimeError(
+                f"USPWatermark: the checkpoint was trained with key {self._resumed_fingerprint[:12]}, the key now in "
+                f"use is {self._identity()[:12]}; resume with the original key_path"
+            )
+        assert self._detector is not None
+        self._detector.to(pl_module.device)
 
     def training_loss(self, pl_module: L.LightningModule, batch: Any, output: Any) -> Tensor:
         assert self._detector is not None
+        assert self._reference is not None
         x = batch[0]
         logits = output["logits"] if isinstance(output, dict) and "logits" in output else pl_module(x)
-        reference = self._logits(self._references[0], x)
-        tau = self.temperature
+        options = self.embedding
         with torch.autocast(logits.device.type, enabled=False):
-            log_p = F.log_softmax(logits.float() / tau, dim=-1)
-            kl = (log_p.exp() * (log_p - F.log_softmax(reference / tau, dim=-1))).sum(-1).mean()
             params = {n: p.detach() for n, p in self._detector.named_parameters()}
             score = functional_call(self._detector, params, (detector_features(F.log_softmax(logits.float(), -1)),))
-            detect = F.binary_cross_entropy_with_logits(score, torch.ones_like(score))
-        pl_module.log("wm/usp/kl", kl.detach(), on_step=True, on_epoch=False)
-        return -self.divergence * tau**2 * kl + self.detector_weight * detect
-
-    def _step(self, trainer: L.Trainer, name: str, module: nn.Module, loss: Tensor) -> None:
-        optimizer = self._optimizers[name]
-        optimizer.zero_grad()
-        loss.backward()
-        params = [p for p in module.parameters() if p.grad is not None]
-        grads = torch.nn.utils.parameters_to_vector([p.grad for p in params])
-        grads = trainer.strategy.reduce(grads, reduce_op="mean")
-        torch.nn.utils.vector_to_parameters(grads, [p.grad for p in params])
-        optimizer.step()
+            loss = options.detector_weight * F.binary_cross_entropy_with_logits(score, torch.ones_like(score))
+            if options.divergence > 0:
+                with torch.no_grad():
+                    reference = self._reference(x).float()
+                kl = nasty_teacher_divergence(logits, reference, options.temperature)
+                pl_module.log("wm/usp/kl", kl.detach(), on_step=True, on_epoch=False)
+                loss = loss - options.divergence * options.temperature**2 * kl
+        return loss
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        assert self._detector is not None
-        x, y = batch[0], batch[1]
-        logits = outputs["logits"].detach().float() if isinstance(outputs, dict) and "logits" in outputs else None
+        if not trainer.is_global_zero:
+            return
+        logits = outputs["logits"] if isinstance(outputs, dict) and "logits" in outputs else None
         if logits is None:
             with torch.no_grad():
-                logits = pl_module(x).float()
-        with torch.enable_grad():
-            clean = [(f"reference{i}", m) for i, m in enumerate(self._references) if self._trained[i]]
-            clean += [(f"calibration{i}", m) for i, m in enumerate(self._calibration)]
-            for name, module in clean:
-                module.train()
-                self._step(trainer, name, module, F.cross_entropy(module(x), y))
-            negatives = [self._logits(m, x) for m in self._references]
-            if self._past is not None:
-                pick = torch.randint(0, len(self._past), (len(x),), generator=self._replay_generator)
-                negatives.append(self._past[pick.to(self._past.device)])
-            negatives = torch.cat(negatives)
-            features = detector_features(F.log_softmax(torch.cat([logits, negatives]), dim=-1))
-            if self.feature_noise > 0:
-                features = features + self.feature_noise * torch.randn_like(features)
-            # positives and negatives weigh the same in total, however many references there are
-            weights = torch.cat([torch.full((len(logits),), len(negatives) / len(logits)), torch.ones(len(negatives))])
-            labels = torch.cat([torch.ones(len(logits)), torch.zeros(len(negatives))]).to(features)
-            self._detector.train()
-            loss = F.binary_cross_entropy_with_logits(
-                self._detector(features).squeeze(-1), labels, weight=weights.to(features)
-            ) * (2 * len(logits) / (len(logits) + len(negatives)))
-            self._step(trainer, "detector", self._detector, loss)
-        pl_module.log("wm/usp/detector_loss", loss.detach(), on_step=True, on_epoch=False)
+                logits = pl_module(batch[0])
+        self._positives.append(logits.detach().float().cpu())
+
+    def _fit_detector(self) -> None:
+        """Fit D on this epoch's outputs of the model (1) against the references' recorded outputs (0)."""
+        assert self._detector is not None
+        assert self._negatives is not None
+        positives = torch.cat(self._positives)
+        self._positives = []
+        negatives = self._negatives
+        features = detector_features(F.log_softmax(torch.cat([positives, negatives]), -1))
+        labels = torch.cat([torch.ones(len(positives)), torch.zeros(len(negatives))])
+        total = len(positives) + len(negatives)
+        weights = torch.cat(
+            [
+                torch.full((len(positives),), total / (2 * len(positives))),
+                torch.full((len(negatives),), total / (2 * len(negatives))),
+            ]
+        )
+        options = self.embedding
+        device = next(self._detector.parameters()).device
+        module = DetectorModule(self._detector.cpu().train(), options.detector_lr)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(self._identity()[24:33], 16) + self._fits)
+            order = torch.randperm(len(labels)).split(options.detector_batch_size)
+            loader = DataLoader([(features[i], labels[i], weights[i]) for i in order], batch_size=None, shuffle=True)
+            quiet_trainer(max_steps=options.detector_steps, max_epochs=-1).fit(module, train_dataloaders=loader)
+        self._detector.to(device)
+        self._fits += 1
 
     def _refresh_key(self) -> None:
         """Write the current detector, and its rates on the references' and the calibration outputs, into the key."""
@@ -409,28 +439,29 @@ class USPWatermark(WatermarkScheme):
         tensors = {f"detector.{n}": t.detach().cpu().clone() for n, t in self._detector.state_dict().items()}
         tensors.update({n: t for n, t in self.key.tensors.items() if not n.startswith("detector.")})
         key = USPKey(self.key.config, tensors)
-        clean_rate = max(float(key.flags(self._query_probs(m)).float().mean()) for m in self._references)
-        calibration = [float(key.flags(p).float().mean()) for p in self._calibration_probs]
-        labels = self.key.tensors.get("query_labels")
-        accuracies = [
-            float(p.argmax(-1).eq(labels).float().mean()) if labels is not None else 1.0
-            for p in self._calibration_probs
-        ]
-        comparable = [r for r, a in zip(calibration, accuracies, strict=True) if a >= self.calibration_accuracy]
+        if not self._calibration_probs and not self._reference_rates:
+            self._key = key
+            return
+        clean_rate = max((float(key.flags(p).float().mean()) for p in self._reference_rates), default=0.0)
+        rates = [float(key.flags(p).float().mean()) for p in self._calibration_probs]
+        labels = self.key.tensors["query_labels"]
+        accuracies = [float(p.argmax(-1).eq(labels).float().mean()) for p in self._calibration_probs]
+        options = self.verification
+        comparable = [r for r, a in zip(rates, accuracies, strict=True) if a >= options.calibration_accuracy]
 
-        def null(rates: list[float]) -> float:
-            if not rates:
-                return max(self.null_rate, clean_rate)
-            return min(max(self.null_rate, max(rates) + self.null_margin), 0.99)
+        def null(values: list[float]) -> float:
+            if not values:
+                return max(options.null_rate, clean_rate)
+            return min(max(options.null_rate, max(values) + options.null_margin), 0.99)
 
         config = {
             **self.key.config,
             "clean_rate": clean_rate,
-            "calibration_rates": calibration,
+            "calibration_rates": rates,
             "calibration_accuracies": accuracies,
-            "calibration_accuracy": self.calibration_accuracy,
-            "null_rate": null(comparable if comparable else calibration),
-            "null_rate_any_accuracy": null(calibration),
+            "calibration_accuracy": options.calibration_accuracy,
+            "null_rate": null(comparable if comparable else rates),
+            "null_rate_any_accuracy": null(rates),
         }
         self._key = USPKey(config, tensors)
 
@@ -439,22 +470,36 @@ class USPWatermark(WatermarkScheme):
             self._refresh_key()
         return super().verify(suspect, alpha)
 
-    def _save(self, trainer: L.Trainer) -> None:
-        self._refresh_key()
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and self._positives:
+            self._fit_detector()
+            self._refresh_key()
+        assert self._detector is not None
+        state = trainer.strategy.broadcast({n: t.cpu() for n, t in self._detector.state_dict().items()}, src=0)
+        self._detector.load_state_dict(state)
+        self._key = trainer.strategy.broadcast(self._key, src=0)
         if self.key_path and trainer.is_global_zero:
             self.key.save_key(Path(self.key_path))
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # the held-out references' outputs now: under the final detector they stand for clean models at this stage
-        self._calibration_probs += [self._query_probs(m) for m in self._calibration]
-        trained = [m for i, m in enumerate(self._references) if self._trained[i]]
-        if self.snapshot_negatives and trained:
-            self._snapshots += [self._query_probs(m).clamp_min(1e-30).log() for m in trained]
-            self._past = torch.cat(self._snapshots).to(pl_module.device)
-        self._save(trainer)
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._save(trainer)
+@torch.no_grad()
+def _logits(model: nn.Module, x: Tensor) -> Tensor:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = torch.cat([model(chunk.to(device)).float().cpu() for chunk in x.split(1024)])
+    model.train(was_training)
+    return out
+
+
+def _pruned(model: nn.Module, rate: float) -> nn.Module:
+    """A copy of ``model`` with the fraction ``rate`` of its conv and linear weights of least magnitude set to 0."""
+    copy_ = copy.deepcopy(model)
+    layers = [(m, "weight") for m in copy_.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=rate)
+    for module, name in layers:
+        prune.remove(module, name)
+    return copy_.eval()
 
 
 SCHEME = SchemeSpec(
