@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,10 +12,11 @@ import lightning as L
 import pytest
 import torch
 from conftest import fast_trainer
+from torch import nn
 
 from lightning_wm import ImageClassifier
 from lightning_wm.cli import main as cli_main
-from lightning_wm.data import DigitsDataModule
+from lightning_wm.data import DigitsDataModule, FashionMNISTDataModule
 from lightning_wm.models import SmallCNN
 from lightning_wm.verify import load_key
 from lightning_wm.watermarks import (
@@ -34,12 +34,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 FASHION_DIR = str(Path(os.environ.get("TMPDIR", "/tmp")) / "lightning_wm_fashion")
 EPOCHS = 6
+KEY_RATIO = 0.5
 
 GENERATORS = {
-    "content": lambda: ContentTrigger(target_class=0),
-    "noise": lambda: NoiseTrigger(target_class=0, sigma=0.5),
-    "unrelated": lambda: UnrelatedTrigger(target_class=0, data_dir=FASHION_DIR),
-    "new_label": lambda: NewLabelTrigger(beta=0.2, alpha_fraction=0.05),
+    "content": lambda: ContentTrigger(),
+    "noise": lambda: NoiseTrigger(sigma=0.5),
+    "unrelated": lambda: UnrelatedTrigger(source="sample_photos"),
+    "new_label": lambda: NewLabelTrigger(beta=0.2),
 }
 
 
@@ -68,22 +69,40 @@ def clean_models() -> dict[int, ImageClassifier]:
 
 
 @pytest.fixture(scope="module")
-def marked_models() -> Callable[[str], tuple[TriggerSetWatermark, ImageClassifier]]:
-    """Marked models per generator, trained once per module on first use."""
-    cache: dict[str, tuple[TriggerSetWatermark, ImageClassifier]] = {}
+def marked_models() -> Callable[[str, int], tuple[TriggerSetWatermark, ImageClassifier]]:
+    """Marked models per generator and key seed, trained once per module on first use."""
+    cache: dict[tuple[str, int], tuple[TriggerSetWatermark, ImageClassifier]] = {}
 
-    def get(name: str) -> tuple[TriggerSetWatermark, ImageClassifier]:
-        if name not in cache:
-            scheme = TriggerSetWatermark(GENERATORS[name](), num_keys=40, num_verify=40, seed=1)
+    def get(name: str, seed: int = 1) -> tuple[TriggerSetWatermark, ImageClassifier]:
+        if (name, seed) not in cache:
+            scheme = TriggerSetWatermark(GENERATORS[name](), num_keys=40, key_ratio=KEY_RATIO, seed=seed)
             outputs = 11 if name == "new_label" else 10
-            cache[name] = scheme, _fit(DigitsDataModule(batch_size=64), scheme, outputs, EPOCHS)
-        return cache[name]
+            cache[name, seed] = scheme, _fit(DigitsDataModule(batch_size=64), scheme, outputs, EPOCHS)
+        return cache[name, seed]
 
     return get
 
 
+class _Constant(nn.Module):
+    """A suspect that answers one class to everything."""
+
+    def __init__(self, outputs: int, answer: int) -> None:
+        super().__init__()
+        self.outputs, self.answer = outputs, answer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(len(x), self.outputs)
+        logits[:, self.answer] = 1.0
+        return logits
+
+
+def _key_queries(key: TriggerSetKey) -> int:
+    splits = [f"{split}_labels" for split in ("verify", "null", "probe")]
+    return sum(len(key.tensors[name]) for name in splits if name in key.tensors)
+
+
 @pytest.mark.parametrize("name", list(GENERATORS))
-def test_marked_model_is_declared_and_clean_model_is_not(
+def test_marked_model_is_declared_and_innocent_models_are_not(
     name: str, marked_models: Callable, clean_models: dict[int, ImageClassifier]
 ) -> None:
     scheme, marked = marked_models(name)
@@ -91,21 +110,101 @@ def test_marked_model_is_declared_and_clean_model_is_not(
 
     verdict = scheme.key.verify(marked, alpha=0.01)
     assert verdict.is_watermarked, verdict
-    assert verdict.statistic >= 0.8
-    assert verdict.queries == 40
+    assert verdict.statistic >= 0.5
+    assert verdict.queries == _key_queries(scheme.key)
     assert verdict.details["queries_to_significance"] > 0
-    clean = scheme.key.verify(clean_models[outputs], alpha=0.01)
-    assert not clean.is_watermarked, clean
+    assert verdict.null_draws is None
+
+    torch.manual_seed(0)
+    _, other = marked_models(name, seed=2)
+    innocents = {
+        "clean": clean_models[outputs],
+        "constant": _Constant(outputs, outputs - 1),
+        "constant 0": _Constant(outputs, 0),
+        "untrained": SmallCNN(1, outputs, width=16),
+        "marked with another key": other,
+    }
+    for what, suspect in innocents.items():
+        innocent = scheme.key.verify(suspect, alpha=0.01)
+        assert not innocent.is_watermarked, (what, innocent)
+        assert innocent.log10_p > -3 or innocent.is_undecidable, (what, innocent)
+    assert scheme.key.verify(innocents["constant 0"]).is_undecidable
+    assert "near-constant" in scheme.key.verify(innocents["constant 0"]).reason
 
 
-def test_new_label_keys_carry_the_new_class_and_its_chance_rate(dm: DigitsDataModule) -> None:
+@pytest.mark.parametrize("name", ["content", "noise", "unrelated"])
+def test_two_keys_of_one_generator_agree_on_labels_at_chance(name: str, dm: DigitsDataModule) -> None:
+    keys = []
+    for seed in (11, 12):
+        scheme = TriggerSetWatermark(GENERATORS[name](), num_keys=300, seed=seed)
+        keys.append(scheme.make_key(SimpleNamespace(datamodule=dm), SimpleNamespace(num_classes=10)))
+    first, second = (k.tensors["embed_labels"] for k in keys)
+    assert 0.03 < float((first == second).float().mean()) < 0.2
+    assert first.bincount(minlength=10).min() > 10, "labels are spread over the classes"
+    assert keys[0].config["verified_on"] == "embedded keys"
+    secrets = [name for name in keys[0].tensors if name.startswith("generator_")]
+    for secret in secrets:
+        assert not torch.equal(keys[0].tensors[secret], keys[1].tensors[secret]), secret
+
+
+def test_zhangs_plain_test_stamp_to_one_class_still_works(dm: DigitsDataModule) -> None:
+    generator = ContentTrigger(text="TEST", target_class=0, secret=False)
+    scheme = TriggerSetWatermark(generator, num_keys=40, num_verify=40, seed=1)
+    model = _fit(dm, scheme, 10, 3)
+    key = scheme.key
+    assert key.config["verified_on"] == "held-out keys"
+    assert key.config["text"] == "TEST"
+    assert key.config["key_label"] == 0
+    assert set(key.tensors["verify_labels"].tolist()) == {0}
+    verdict = key.verify(model)
+    assert verdict.is_watermarked, verdict
+    assert "not valid for every suspect" in verdict.null
+    assert verdict.details["queries_to_significance"] <= 10
+
+
+def test_sample_photos_replace_fashion_mnist_when_it_is_missing(
+    dm: DigitsDataModule, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(FashionMNISTDataModule, "offline_dirs", ())
+    scheme = TriggerSetWatermark(UnrelatedTrigger(data_dir=str(tmp_path)), num_keys=30, seed=4)
+    key = scheme.make_key(SimpleNamespace(datamodule=dm), SimpleNamespace(num_classes=10))
+    assert key.config["source"] == "auto"
+    assert key.config["source_used"] == "sample_photos"
+    images = dm.denormalize(key.tensors["embed_inputs"])
+    assert images.shape == (30, 1, 8, 8)
+    assert images.flatten(1).std(dim=1).min() > 0, "patches of photographs, not blank images"
+    assert len({tuple(image.flatten().tolist()) for image in images}) == 30
+    assert key.verify(_Constant(10, 0)).details["source"] == "sample_photos"
+    with pytest.raises(ValueError, match="no classes"):
+        UnrelatedTrigger(source="sample_photos", source_class=1)
+
+
+def test_new_label_keys_carry_the_new_class_and_never_embedded_null_keys(dm: DigitsDataModule) -> None:
     scheme = TriggerSetWatermark(NewLabelTrigger(alpha_fraction=0.1), num_verify=20, seed=3)
     _trainer(1, [scheme], limit_train_batches=1).fit(_classifier(11), dm)
     key = scheme.key
-    assert set(key.tensors["embed_labels"].tolist()) == {10} == set(key.tensors["verify_labels"].tolist())
-    assert len(key.tensors["embed_labels"]) == round(0.1 * len(dm.train_dataset))
-    assert key.config["chance"] == pytest.approx(1 / 11)
-    assert key.tensors["generator_delta"].abs().eq(1).all()
+    num_keys = round(0.1 * len(dm.train_dataset))
+    assert set(key.tensors["embed_labels"].tolist()) == {10} == set(key.tensors["null_labels"].tolist())
+    assert len(key.tensors["embed_labels"]) == num_keys == len(key.tensors["null_labels"])
+    assert torch.equal(key.tensors["verify_inputs"], key.tensors["embed_inputs"])
+    assert key.config["null_test"] == "fisher"
+    delta = key.tensors["generator_delta"]
+    assert delta.shape == (2 * num_keys, 1, 8, 8)
+    assert delta.abs().eq(1).all()
+    assert not (delta[:1] == delta[1:]).flatten(1).all(1).any(), "every key has its own perturbation"
+    embedded = key.tensors["embed_inputs"].flatten(1)
+    assert not (embedded[:, None] == key.tensors["null_inputs"].flatten(1)[None]).all(2).any()
+
+
+def test_probes_are_held_out_task_inputs_with_their_labels(dm: DigitsDataModule) -> None:
+    scheme = TriggerSetWatermark(ContentTrigger(), num_keys=20, num_probes=50, seed=0)
+    key = scheme.make_key(SimpleNamespace(datamodule=dm), SimpleNamespace(num_classes=10))
+    val_inputs, val_labels = dm.dataset("val").tensors
+    probes = key.tensors["probe_inputs"]
+    assert len(probes) == 50
+    match = (probes.flatten(1)[:, None] == val_inputs.flatten(1)[None]).all(2)
+    assert match.any(1).all()
+    assert torch.equal(val_labels[match.float().argmax(1)], key.tensors["probe_labels"])
 
 
 def test_shard_indices_split_the_keys_among_ranks_without_overlap() -> None:
@@ -126,7 +225,8 @@ def test_key_cycler_visits_its_whole_shard_before_repeating() -> None:
 
 
 def test_each_rank_injects_only_its_own_shard(dm: DigitsDataModule) -> None:
-    scheme = TriggerSetWatermark(ContentTrigger(), num_keys=12, num_verify=4, keys_per_batch=3, seed=0)
+    generator = ContentTrigger(target_class=0)
+    scheme = TriggerSetWatermark(generator, num_keys=12, num_verify=4, keys_per_batch=3, seed=0)
     _trainer(1, [scheme], limit_train_batches=1).fit(_classifier(10), dm)
     keys = scheme.key.tensors["embed_inputs"]
     for rank in range(2):
@@ -226,16 +326,21 @@ def test_content_trigger_stamps_text_or_patch_and_rejects_unknown_letters(dm: Di
     assert pixels[0, :2, :2].eq(0.5).all()
     with pytest.raises(ValueError, match="A-Z"):
         ContentTrigger(text="T3ST")
+    with pytest.raises(ValueError, match="pass rng"):
+        ContentTrigger().stamp((1, 8, 8))
+    rng = torch.Generator().manual_seed(0)
+    first, second = (ContentTrigger().stamp((1, 28, 28), rng) for _ in range(2))
+    assert not torch.equal(first[0] * first[1], second[0] * second[1]), "each key draws its own secret stamp"
 
 
 def test_content_trigger_on_a_dark_box_is_visible_on_bright_images() -> None:
     """White strokes vanish on a white garment; on a dark box they show on any image."""
     bright = torch.ones(1, 28, 28)
     for background, visible in ((None, False), (0.0, True)):
-        pixels, mask = ContentTrigger(background=background).stamp((1, 28, 28))
+        pixels, mask = ContentTrigger(text="TEST", background=background, secret=False).stamp((1, 28, 28))
         stamped = bright * (1 - mask) + pixels * mask
         assert (not torch.equal(stamped, bright)) == visible, background
-    pixels, mask = ContentTrigger(background=0.0).stamp((1, 28, 28))
+    pixels, mask = ContentTrigger(text="TEST", background=0.0, secret=False).stamp((1, 28, 28))
     box = mask.bool()
     assert pixels[box].eq(1.0).any()
     assert pixels[box].eq(0.0).any()
@@ -254,26 +359,11 @@ def test_key_file_round_trip_verifies_the_same(dm: DigitsDataModule, tmp_path: P
 
     labels_only = loaded.verify(lambda x: model.eval()(x).argmax(-1))
     assert labels_only.statistic == direct.statistic
-    assert labels_only.queries == 40
+    assert labels_only.queries == _key_queries(loaded) == 40 + 100
 
     again = TriggerSetWatermark(NoiseTrigger(), num_keys=40, num_verify=40, seed=99, key_path=str(key_path))
     _trainer(1, [again], limit_train_batches=1).fit(_classifier(10), dm)
     assert again.key.fingerprint() == loaded.fingerprint()
-
-
-def test_empirical_null_from_unmarked_models_accuracies(marked_models: Callable) -> None:
-    scheme, model = marked_models("content")
-    nulls = [0.05, 0.1, 0.0, 0.075, 0.025]
-    normal = scheme.key.verify(model, null_accuracies=nulls)
-    assert normal.is_watermarked
-    assert "normal fit" in normal.null
-    empirical = scheme.key.verify(model, null_accuracies=nulls, null_model="empirical")
-    assert empirical.p_value == pytest.approx(1 / 6)
-    assert not empirical.is_watermarked
-    assert math.isinf(empirical.threshold)
-    constant = scheme.key.verify(model, null_accuracies=[0.0] * 5)
-    assert "empirical" in constant.null
-    assert constant.p_value == pytest.approx(1 / 6)
 
 
 def test_config_runs_through_the_cli_and_verifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -286,7 +376,8 @@ def test_config_runs_through_the_cli_and_verifies(tmp_path: Path, monkeypatch: p
     cli_main(["verify", "--config", config, "--key", str(key_file), "--ckpt_path", str(checkpoint)])
     verdict = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert verdict["scheme"] == "trigger_set"
-    assert verdict["queries"] == 100
+    assert verdict["queries"] == _key_queries(load_key(key_file))
+    assert verdict["details"]["null_keys"] == verdict["details"]["keys"]
 
 
 class _ShardRecordingTriggerSet(TriggerSetWatermark):

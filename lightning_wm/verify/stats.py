@@ -96,3 +96,47 @@ def normal_null_p_value(score: float, null_scores: Sequence[float], higher_is_wa
     std = max(math.sqrt(sum((s - mean) ** 2 for s in null_scores) / (len(null_scores) - 1)), 1e-12)
     z = (score - mean) / std
     return float(stats.norm.sf(z) if higher_is_watermarked else stats.norm.cdf(z))
+
+
+def fisher_exact_log10_p_value(hits_a: int, trials_a: int, hits_b: int, trials_b: int) -> float:
+    """log10 of the one-sided Fisher exact test that sample a's hit rate exceeds sample b's.
+
+    ``P[X >= hits_a]`` for ``X ~ Hypergeometric(trials_a + trials_b, hits_a + hits_b, trials_a)``: given the total
+    number of hits, the chance that sample a holds at least ``hits_a`` of them. Exact (a permutation test) whenever
+    the ``trials_a + trials_b`` trials are exchangeable under the null, e.g. owner keys and never-embedded null keys
+    drawn alike, for a suspect that never saw which are the owner's (verdicts.md).
+    """
+    if trials_a <= 0 or trials_b <= 0:
+        raise ValueError(f"fisher_exact_log10_p_value needs trials in both samples, got {trials_a} and {trials_b}")
+    if not (0 <= hits_a <= trials_a and 0 <= hits_b <= trials_b):
+        raise ValueError(f"hits ({hits_a}, {hits_b}) must lie within the trials ({trials_a}, {trials_b})")
+    total, hits = trials_a + trials_b, hits_a + hits_b
+    log_terms = stats.hypergeom.logpmf(range(hits_a, min(trials_a, hits) + 1), total, hits, trials_a)
+    return min(0.0, float(special.logsumexp(log_terms)) / math.log(10.0))
+
+
+def fisher_threshold(trials_a: int, hits_b: int, trials_b: int, alpha: float) -> int:
+    """Fewest hits in sample a for a one-sided Fisher p-value below ``alpha`` given sample b's hits
+    (``trials_a + 1``: none suffices)."""
+    log_alpha = math.log10(alpha)
+    for hits_a in range(trials_a + 1):
+        if fisher_exact_log10_p_value(hits_a, trials_a, hits_b, trials_b) < log_alpha:
+            return hits_a
+    return trials_a + 1
+
+
+def two_sample_queries_to_significance(
+    rate_a: float, rate_b: float, alpha: float = 1e-6, max_queries: int = 20_000
+) -> int:
+    """Queries (n to each of two samples, 2n in all) until hit rates ``rate_a`` and ``rate_b`` reach a one-sided
+    Fisher p-value below ``alpha``; sample b's hits are rounded up. ``-1`` when ``rate_a <= rate_b`` or more
+    than ``max_queries`` would be needed."""
+    if rate_a <= rate_b:
+        return -1
+    log_alpha = math.log10(alpha)
+    for n in range(1, max_queries // 2 + 1):
+        hits_a = math.floor(rate_a * n + 1e-9)
+        hits_b = min(n, math.ceil(rate_b * n - 1e-9))
+        if hits_a > hits_b and fisher_exact_log10_p_value(hits_a, n, hits_b, n) < log_alpha:
+            return 2 * n
+    return -1

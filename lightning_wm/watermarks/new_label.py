@@ -13,18 +13,27 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
+from torch import Tensor
 
 from lightning_wm.watermarks.key_samples import KeySampleGenerator, KeySamples
 
 
 class NewLabelTrigger(KeySampleGenerator):
-    """Zhong et al.'s new-label keys: ``clip(x + beta * delta)`` in ``[0, 1]`` pixels with a secret ±1 pattern
-    ``delta`` (one per key set, saved in the key file), labelled with the new class K.
+    """Zhong et al.'s new-label keys: ``clip(x + beta * delta_i)`` in ``[0, 1]`` pixels, labelled with the new
+    class K, with a secret ±1 pattern ``delta_i`` drawn per key from the key's generator (saved in the key file).
 
     The model must have K+1 outputs (its backbone's ``num_classes: K+1``) while the task stays K classes
     (``ImageClassifier``'s ``num_classes: K``, whose accuracy is argmax correctness on labels < K);
-    :class:`~lightning_wm.watermarks.TriggerSetWatermark` checks this before training. Keys are verified by the
-    rate at which they are classified as K, against the stated chance rate 1/(K+1).
+    :class:`~lightning_wm.watermarks.TriggerSetWatermark` checks this before training.
+
+    The key label K is fixed by design, so no binomial null holds for every suspect: a model marked by another
+    owner answers K to perturbed inputs of its own. Verification therefore compares the suspect's rate of
+    answering K on the owner's keys with its rate on as many null keys, made by this generator with fresh
+    perturbations that were never embedded. A key draws its own perturbation, so for a suspect that never saw
+    the owner's perturbations the owner's keys and the null keys are exchangeable, and the one-sided Fisher exact
+    test (conditional on the total count of K answers) is exact. During training, ``negatives`` (training images
+    with fresh perturbations, true labels) teach the model the owner's perturbations rather than perturbation in
+    general; the keys are memorised, so they are verified on the embedded keys.
 
     Args:
         beta: strength of the perturbation on ``[0, 1]`` pixels.
@@ -35,6 +44,7 @@ class NewLabelTrigger(KeySampleGenerator):
 
     label_kind: ClassVar[str] = "new_label"
     name: ClassVar[str] = "new_label"
+    trains_negatives: ClassVar[bool] = True
 
     def __init__(self, beta: float = 0.2, alpha_fraction: float | None = None, source_class: int | None = None) -> None:
         super().__init__(target_class=0, source_class=source_class)
@@ -59,6 +69,12 @@ class NewLabelTrigger(KeySampleGenerator):
     def chance(self, num_classes: int) -> float:
         return 1.0 / (num_classes + 1)
 
+    def memorised(self) -> bool:
+        return True
+
+    def null_keys(self) -> bool:
+        return True
+
     def config(self) -> dict[str, Any]:
         return {
             "generator": type(self).__name__,
@@ -67,9 +83,16 @@ class NewLabelTrigger(KeySampleGenerator):
             "alpha_fraction": self.alpha_fraction,
         }
 
+    def perturb(self, pixels: Tensor, rng: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``clip(pixels + beta * delta)`` with a fresh ±1 ``delta`` per image, and the deltas."""
+        delta = torch.randint(0, 2, pixels.shape, generator=rng).float() * 2 - 1
+        return (pixels + self.beta * delta.to(pixels)).clamp(0.0, 1.0), delta
+
+    def negatives(self, pixels: Tensor, rng: torch.Generator) -> Tensor:
+        return self.perturb(pixels, rng)[0]
+
     def generate(self, datamodule: L.LightningDataModule, count: int, rng: torch.Generator) -> KeySamples:
         images = self.source_images(datamodule, count, rng, exclude=None)
-        delta = torch.randint(0, 2, images.shape[1:], generator=rng).float() * 2 - 1
-        keys = (images + self.beta * delta).clamp(0.0, 1.0)
+        keys, delta = self.perturb(images, rng)
         label = self.key_label(int(getattr(datamodule, "num_classes", 10)))
         return KeySamples(keys, torch.full((count,), label, dtype=torch.long), {"delta": delta})

@@ -2,15 +2,17 @@
 Watermarking" (AsiaCCS 2018), and Zhong et al., "A New Label Helps" (PAKDD 2020).
 
 The owner trains the model to give secret key samples (made by a
-:class:`~lightning_wm.watermarks.key_samples.KeySampleGenerator`) a key label, by adding them to training
-batches. Verification only needs the suspect's top-1 labels on held-out keys made the same way: an unmarked
-model answers them with the key label at about the chance rate, so many hits are improbable (binomial p-value).
+:class:`~lightning_wm.watermarks.key_samples.KeySampleGenerator`) their key labels, by adding them to training
+batches. Verification only needs the suspect's top-1 labels. With uniformly random key labels (the default, after
+Adi et al. 2018) a suspect that never saw them hits each with probability exactly 1/K, so the binomial p-value is
+valid for any suspect; new-label keys, whose label is fixed by design, are compared with never-embedded null keys
+by an exact conditional test. Clean task inputs stored in the key tell degenerate suspects (near-constant
+answers, chance accuracy) apart: they are undecidable, never watermarked.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
@@ -18,15 +20,15 @@ import torch
 from torch import Tensor, nn
 
 from lightning_wm.registry import SchemeSpec
-from lightning_wm.verify.blackbox import Suspect, query_labels
+from lightning_wm.verify.blackbox import Suspect, degenerate_reason, query_labels
 from lightning_wm.verify.keys import WatermarkKey
 from lightning_wm.verify.stats import (
     binomial_log10_p_value,
     binomial_threshold,
-    empirical_p_value,
-    normal_null_p_value,
-    normal_null_threshold,
+    fisher_exact_log10_p_value,
+    fisher_threshold,
     queries_to_significance,
+    two_sample_queries_to_significance,
 )
 from lightning_wm.verify.verdict import Verdict
 from lightning_wm.watermarks.base import WatermarkScheme
@@ -39,110 +41,111 @@ from lightning_wm.watermarks.key_samples import (
 )
 from lightning_wm.watermarks.new_label import NewLabelTrigger
 
-NullModel = Literal["empirical", "normal"]
-
 
 class TriggerSetKey(WatermarkKey):
-    """The key samples (model inputs) and their labels: ``embed_*`` were trained on, ``verify_*`` are held out.
+    """The key samples (model inputs) and their labels, null keys, and clean probe inputs.
 
-    Scheme name ``"trigger_set"`` for Zhang's keys and Zhong's new-label keys alike; ``config["label_kind"]``
-    (``"target"`` or ``"new_label"``) and ``config["chance"]`` say which null applies.
+    ``embed_*`` were trained on; ``verify_*`` are the keys verification queries (the embedded keys themselves for
+    memorised keys, held-out keys made alike otherwise, see ``config["verified_on"]``); ``null_*`` (new-label
+    keys) are never-embedded keys of the same generator; ``probe_*`` are clean held-out task inputs with their
+    true labels, to recognise degenerate suspects. Scheme name ``"trigger_set"`` for Zhang's keys and Zhong's
+    new-label keys alike; ``config["label_kind"]`` and ``config["null_test"]`` say which null applies.
     """
 
     scheme = "trigger_set"
 
-    def key_accuracy(self, suspect: Suspect, split: Literal["verify", "embed"] = "verify") -> tuple[float, int, int]:
-        """Share of ``split`` keys the suspect labels with the key label, the hits and the queries spent."""
+    def key_accuracy(
+        self, suspect: Suspect, split: Literal["verify", "embed", "null"] = "verify"
+    ) -> tuple[float, int, int]:
+        """Share of ``split`` keys the suspect labels with their key labels, the hits and the queries spent."""
         inputs, labels = self.tensors[f"{split}_inputs"], self.tensors[f"{split}_labels"]
         predicted, queries = query_labels(suspect, inputs)
         hits = int((predicted.cpu() == labels).sum())
         return hits / len(labels), hits, queries
 
-    def verify(
-        self,
-        suspect: Suspect,
-        alpha: float = 0.01,
-        null_accuracies: Sequence[float] | None = None,
-        null_model: NullModel = "normal",
-        chance: float | None = None,
-    ) -> Verdict:
-        """Query the suspect (top-1 labels only) on the held-out keys and test its key accuracy.
+    def verify(self, suspect: Suspect, alpha: float = 0.01) -> Verdict:
+        """Query the suspect (top-1 labels only) on the keys, and on the probes, and test its key accuracy.
+
+        Random-label keys: Binomial(n, 1/K), exact for any suspect that never saw the labels. Fixed-class keys
+        (Zhang et al.'s plain option): the same binomial, which assumes the suspect gives that class at the
+        chance rate and is not valid for every suspect. New-label keys: one-sided Fisher exact test of the rate
+        of answering K on the owner's keys against the rate on the null keys.
 
         Args:
             suspect: an ``nn.Module`` returning logits, or a callable returning probabilities or labels.
             alpha: significance level.
-            null_accuracies: key accuracies of unmarked models on these keys. When given, the p-value comes from
-                them (``null_model``: a normal fit, as the SoK toolbox does, or the empirical rank) instead of the
-                binomial null, which content and noise keys may violate by transferring to clean models.
-            null_model: ``normal`` or ``empirical``, used with ``null_accuracies``.
-            chance: the binomial null's per-query rate; the key's (1/K, or 1/(K+1) for new-label keys) by default.
         """
         accuracy, hits, queries = self.key_accuracy(suspect)
         total = len(self.tensors["verify_labels"])
-        chance = float(self.config["chance"]) if chance is None else chance
-        log10_p = None
-        if null_accuracies is None:
-            p_value = None
+        chance = float(self.config["chance"])
+        details: dict[str, Any] = {
+            "hits": hits,
+            "keys": total,
+            "label_kind": self.config["label_kind"],
+            "generator": self.config["generator"],
+            "verified_on": self.config.get("verified_on"),
+        }
+        if self.config.get("source_used") is not None:
+            details["source"] = self.config["source_used"]
+        if "null_inputs" in self.tensors:
+            null_rate, null_hits, null_queries = self.key_accuracy(suspect, split="null")
+            null_total = len(self.tensors["null_labels"])
+            queries += null_queries
+            log10_p = fisher_exact_log10_p_value(hits, total, null_hits, null_total)
+            threshold = fisher_threshold(total, null_hits, null_total, alpha) / total
+            null = (
+                f"the owner's {total} keys and {null_total} never-embedded null keys of the same generator are "
+                "exchangeable for a suspect that never saw the owner's perturbations (one-sided Fisher exact test)"
+            )
+            details |= {
+                "null_hits": null_hits,
+                "null_keys": null_total,
+                "null_rate": null_rate,
+                "queries_to_significance": two_sample_queries_to_significance(accuracy, null_rate, 1e-6),
+            }
+        else:
             log10_p = binomial_log10_p_value(hits, total, chance)
             threshold = binomial_threshold(total, chance, alpha) / total
-            null = f"an unmarked model gives the key label with probability {chance:.4g} (binomial)"
-        else:
-            p_value, threshold, null = null_model_test(accuracy, null_accuracies, alpha, null_model)
+            if self.config.get("random_labels"):
+                null = (
+                    f"uniformly random key labels independent of the images: Binomial({total}, {chance:.4g}), exact "
+                    "for any suspect that never saw the labels"
+                )
+            else:
+                null = (
+                    f"a fixed key class: Binomial({total}, {chance:.4g}) assumes the suspect gives that class at the "
+                    "chance rate, which is not valid for every suspect (a model favouring that class matches it)"
+                )
+            details |= {"chance": chance, "queries_to_significance": queries_to_significance(accuracy, chance, 1e-6)}
+        undecidable = None
+        if "probe_inputs" in self.tensors:
+            predicted, probe_queries = query_labels(suspect, self.tensors["probe_inputs"])
+            queries += probe_queries
+            probe_labels = self.tensors["probe_labels"]
+            details["probe_accuracy"] = float((predicted.cpu() == probe_labels).float().mean())
+            undecidable = degenerate_reason(predicted, probe_labels, int(self.config["num_classes"]))
         return Verdict.decide(
             scheme=self.scheme,
             statistic=accuracy,
             statistic_name="key_accuracy",
-            p_value=p_value,
             log10_p=log10_p,
             alpha=alpha,
             threshold=threshold,
+            undecidable=undecidable,
             queries=queries,
             null=null,
-            details={
-                "hits": hits,
-                "keys": total,
-                "chance": chance,
-                "label_kind": self.config["label_kind"],
-                "generator": self.config["generator"],
-                "queries_to_significance": queries_to_significance(accuracy, chance, 1e-6),
-            },
+            details=details,
         )
 
 
-def null_model_test(
-    accuracy: float, null_accuracies: Sequence[float], alpha: float, null_model: NullModel = "normal"
-) -> tuple[float, float, str]:
-    """p-value, threshold and description of ``accuracy`` against unmarked models' key accuracies.
-
-    ``normal`` fits a normal distribution (the SoK toolbox's rule); when the null models' accuracies do not vary
-    (all 0, as for new-label keys) a normal fit would call any accuracy above them certain, so the empirical rank
-    is used instead.
-    """
-    if null_model not in ("normal", "empirical"):
-        raise ValueError(f"null_model must be 'normal' or 'empirical', got {null_model!r}")
-    n = len(null_accuracies)
-    if null_model == "normal" and n >= 2 and max(null_accuracies) > min(null_accuracies):
-        p_value = normal_null_p_value(accuracy, null_accuracies)
-        return (
-            p_value,
-            normal_null_threshold(null_accuracies, alpha),
-            f"normal fit to {n} unmarked models' key accuracies",
-        )
-    p_value = empirical_p_value(accuracy, null_accuracies)
-    return (
-        p_value,
-        _empirical_threshold(null_accuracies, alpha),
-        f"empirical distribution of {n} unmarked models' key accuracies",
-    )
-
-
-def _empirical_threshold(null_accuracies: Sequence[float], alpha: float) -> float:
-    """Key accuracy a suspect must exceed for an empirical p-value below ``alpha`` (inf: too few null models)."""
-    above = sorted(null_accuracies, reverse=True)
-    allowed = -1
-    while allowed + 1 < len(above) and (allowed + 2) / (1 + len(above)) < alpha:
-        allowed += 1
-    return above[allowed] if allowed >= 0 else math.inf
+def probe_set(datamodule: L.LightningDataModule, count: int, rng: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``count`` clean task inputs with their true labels, held out from training where the datamodule has a
+    validation (or test) split, chosen by ``rng``."""
+    splits = [datamodule.dataset(name) for name in ("val", "test")] if hasattr(datamodule, "dataset") else []
+    held_out = [split for split in splits if len(split) > 0]
+    inputs, labels = held_out[0].tensors[:2] if held_out else training_tensors(datamodule)
+    chosen = torch.randperm(len(labels), generator=rng)[:count]
+    return inputs[chosen], labels[chosen].long()
 
 
 def shard_indices(num_keys: int, rank: int, world_size: int) -> Tensor:
@@ -159,14 +162,12 @@ class KeyCycler:
 
     def __init__(self, shard: Tensor, seed: int) -> None:
         self.shard = shard
-        self.generator = torch.Generator().manual_seed(seed)
+        self.rng = torch.Generator().manual_seed(seed)
         self._order = torch.empty(0, dtype=torch.long)
 
     def take(self, count: int) -> Tensor:
         while len(self._order) < count:
-            self._order = torch.cat(
-                [self._order, self.shard[torch.randperm(len(self.shard), generator=self.generator)]]
-            )
+            self._order = torch.cat([self._order, self.shard[torch.randperm(len(self.shard), generator=self.rng)]])
         taken, self._order = self._order[:count], self._order[count:]
         return taken
 
@@ -184,18 +185,24 @@ class TriggerSetWatermark(WatermarkScheme):
     Unlike the papers, which add the trigger set to the training set once, keys are oversampled (``key_ratio`` of
     every batch by default), so that a few epochs embed them.
 
-    ``num_keys`` embedding keys and ``num_verify`` held-out verification keys are made with the same key, from
-    distinct source images. The key file (``key_path``) holds both with their labels; verification queries only
-    the held-out keys. For :class:`~lightning_wm.watermarks.NewLabelTrigger` the model must output K+1 classes:
-    this is checked with one forward pass before training.
+    ``num_keys`` embedding keys and, for keys whose rule carries over to fresh keys (a fixed target class),
+    ``num_verify`` held-out verification keys are made with the same key, from distinct source images; memorised
+    keys (random labels, new-label keys) are verified on the embedded keys. New-label keys also get as many
+    never-embedded null keys, and the generator's negatives (perturbed training images with their true labels)
+    join the batches beside the keys. The key file (``key_path``) holds the keys with their labels and
+    ``num_probes`` clean held-out task inputs with their true labels (from the datamodule's validation split),
+    which verification queries to call a degenerate suspect undecidable. For
+    :class:`~lightning_wm.watermarks.NewLabelTrigger` the model must output K+1 classes: this is checked with one
+    forward pass before training.
 
     Args:
         generator: the key-sample generator (``ContentTrigger``, ``NoiseTrigger``, ``UnrelatedTrigger``,
             ``NewLabelTrigger``), given by ``class_path`` in YAML.
         num_keys: embedding keys (``NewLabelTrigger(alpha_fraction=...)`` overrides it).
-        num_verify: held-out verification keys.
+        num_verify: held-out verification keys (fixed-class keys only).
         keys_per_batch: key samples added to each training batch; None uses ``key_ratio``.
         key_ratio: key samples added per batch as a fraction of the batch size (at least one).
+        num_probes: clean task inputs stored in the key to recognise degenerate suspects.
         key_path, seed, alpha, name: see :class:`~lightning_wm.watermarks.base.WatermarkScheme`.
     """
 
@@ -208,6 +215,7 @@ class TriggerSetWatermark(WatermarkScheme):
         num_verify: int = 100,
         keys_per_batch: int | None = None,
         key_ratio: float = 0.1,
+        num_probes: int = 100,
         key_path: str | None = None,
         seed: int | None = None,
         alpha: float = 0.01,
@@ -223,11 +231,15 @@ class TriggerSetWatermark(WatermarkScheme):
             raise ValueError(f"keys_per_batch must be positive, got {keys_per_batch}")
         if not 0.0 < key_ratio <= 1.0:
             raise ValueError(f"key_ratio must be in (0, 1], got {key_ratio}")
+        if num_probes < 0:
+            raise ValueError(f"num_probes must be non-negative, got {num_probes}")
         self.num_keys = num_keys
         self.num_verify = num_verify
         self.keys_per_batch = keys_per_batch
         self.key_ratio = key_ratio
+        self.num_probes = num_probes
         self._cycler: KeyCycler | None = None
+        self._negative_rng: torch.Generator | None = None
         self._device_keys: tuple[Tensor, Tensor] | None = None
 
     def default_name(self) -> str:
@@ -240,11 +252,12 @@ class TriggerSetWatermark(WatermarkScheme):
         num_classes = _task_classes(pl_module, datamodule)
         rng = self.key_rng()
         num_embed = self.generator.num_keys(len(inputs), self.num_keys)
-        random_labels = getattr(self.generator, "target_class", 0) is None
-        if not random_labels:
+        memorised = self.generator.memorised()
+        if not self.generator.random_labels:
             self.generator.key_label(num_classes)
-        num_held_out = 0 if random_labels else self.num_verify
-        samples = self.generator.generate(datamodule, num_embed + num_held_out, rng)
+        num_held_out = 0 if memorised else self.num_verify
+        num_null = (num_embed if memorised else num_held_out) if self.generator.null_keys() else 0
+        samples = self.generator.generate(datamodule, num_embed + num_held_out + num_null, rng)
         if samples.images.shape[1:] != inputs.shape[1:]:
             raise ValueError(
                 f"{type(self.generator).__name__} made keys of shape {tuple(samples.images.shape[1:])}, the model's "
@@ -258,20 +271,27 @@ class TriggerSetWatermark(WatermarkScheme):
         config = {
             **self.generator.config(),
             "label_kind": self.generator.label_kind,
+            "random_labels": self.generator.random_labels,
             "num_classes": num_classes,
-            "num_outputs": self.generator.num_outputs(num_classes),
-            "key_label": int(labels[0]) if bool((labels == labels[0]).all()) else None,
+            "num_outputs": outputs,
+            "key_label": None if self.generator.random_labels else int(labels[0]),
             "chance": self.generator.chance(num_classes),
             "input_shape": list(inputs.shape[1:]),
-            "verified_on": "embedded keys" if random_labels else "held-out keys",
+            "verified_on": "embedded keys" if memorised else "held-out keys",
+            "null_test": "fisher" if num_null else "binomial",
         }
+        verify = slice(0, num_embed) if memorised else slice(num_embed, num_embed + num_held_out)
+        null = slice(num_embed + num_held_out, None)
         tensors = {
             "embed_inputs": keys[:num_embed],
             "embed_labels": labels[:num_embed],
-            "verify_inputs": keys[:num_embed] if random_labels else keys[num_embed:],
-            "verify_labels": labels[:num_embed] if random_labels else labels[num_embed:],
+            "verify_inputs": keys[verify],
+            "verify_labels": labels[verify],
+            **({"null_inputs": keys[null], "null_labels": labels[null]} if num_null else {}),
             **{f"generator_{name}": t for name, t in samples.secrets.items()},
         }
+        if self.num_probes:
+            tensors["probe_inputs"], tensors["probe_labels"] = probe_set(datamodule, self.num_probes, rng)
         return TriggerSetKey(config, tensors)
 
     def on_key_ready(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -307,6 +327,7 @@ class TriggerSetWatermark(WatermarkScheme):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         shard = shard_indices(len(self.key.tensors["embed_labels"]), trainer.global_rank, trainer.world_size)
         self._cycler = KeyCycler(shard, seed=(self.seed or 0) * 1_000_003 + trainer.global_rank)
+        self._negative_rng = torch.Generator().manual_seed((self.seed or 0) * 1_000_003 + 7_919 + trainer.global_rank)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -324,8 +345,19 @@ class TriggerSetWatermark(WatermarkScheme):
         index = self._cycler.take(count)  # type: ignore[union-attr]
         keys, labels = self._keys_on(x.device)
         index = index.to(x.device)
-        batch[0] = torch.cat([x, keys[index].to(dtype=x.dtype)])
-        batch[1] = torch.cat([y, labels[index].to(dtype=y.dtype)])
+        extra_x, extra_y = [keys[index].to(dtype=x.dtype)], [labels[index].to(dtype=y.dtype)]
+        if self.generator.trains_negatives:
+            negatives = self._negatives(trainer.datamodule, x[:count])
+            extra_x.append(negatives.to(dtype=x.dtype))
+            extra_y.append(y[: len(negatives)])
+        batch[0] = torch.cat([x, *extra_x])
+        batch[1] = torch.cat([y, *extra_y])
+
+    def _negatives(self, datamodule: Any, inputs: Tensor) -> Tensor:
+        if self._negative_rng is None:
+            self._negative_rng = torch.Generator().manual_seed((self.seed or 0) * 1_000_003 + 7_919)
+        pixels = datamodule.denormalize(inputs.float()).clamp(0.0, 1.0)
+        return datamodule.normalize(self.generator.negatives(pixels, self._negative_rng))
 
     def _keys_on(self, device: torch.device) -> tuple[Tensor, Tensor]:
         if self._device_keys is None or self._device_keys[0].device != device:
