@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ class WatermarkTrainer(L.Trainer):
         options: dict[str, Any] | None = None,
         datamodule: L.LightningDataModule | None = None,
     ) -> Verdict:
-        """Test a suspect model for the watermark of a key file and print the verdict.
+        """Test a suspect (its checkpoint, --ckpt_path, is required) for the watermark of a key file; print the verdict.
 
         Args:
             model: the suspect's architecture (the config's ``model``); its weights come from ``ckpt_path``.
@@ -84,11 +85,13 @@ class WatermarkTrainer(L.Trainer):
         output_dir: str = "outputs/benchmark",
         overhead: bool = False,
         overhead_epochs: int = 3,
-        overhead_repeats: int = 3,
+        overhead_repeats: int = 5,
         rerun: list[str] | None = None,
+        verbose: bool = False,
     ) -> list[dict[str, Any]]:
-        """Run the scheme × attack matrix (embed, attack, verify), or with ``overhead`` the throughput comparison;
-        print the table and write it (CSV, Markdown, heatmap PNG) under ``output_dir``.
+        """Run the scheme × attack matrix (embed, attack, verify) or, with --overhead, the throughput comparison.
+
+        Prints the table and writes it (CSV, Markdown, heatmap PNG) under ``output_dir``.
 
         Args:
             model: the model to watermark (copied for every run).
@@ -106,6 +109,7 @@ class WatermarkTrainer(L.Trainer):
             overhead_epochs: epochs of each overhead run (the first is warm-up).
             overhead_repeats: round-robin repeats of the overhead runs.
             rerun: schemes whose cells are recomputed even when cached (after a change of their code).
+            verbose: show Lightning's messages for every Trainer the benchmark builds.
         """
         from lightning_wm.benchmark import Benchmark, measure_overhead, overhead_table
         from lightning_wm.benchmark.report import markdown_table, write_reports
@@ -142,6 +146,7 @@ class WatermarkTrainer(L.Trainer):
             trainer_kwargs=self.benchmark_trainer_kwargs,
             progress=bool(self.benchmark_trainer_kwargs.get("enable_progress_bar", True)),
             rerun=rerun or (),
+            verbose=verbose,
         )
         rows = bench.run()
         summary = {
@@ -191,6 +196,15 @@ def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> None:
         raise ValueError(f"checkpoint {path} does not load: {type(err).__name__}: {err}") from None
 
 
+DESCRIPTION = (
+    "lightning-wm: watermark neural networks on PyTorch Lightning. Embed a watermark while training (fit, with a "
+    "scheme under watermarks:), attack it (fit an attack config), prove ownership of a suspect (verify), and "
+    "measure every scheme against every attack (benchmark)."
+)
+
+TRAINING_SUBCOMMANDS = ("fit", "validate", "test", "predict", "verify")
+
+
 class WatermarkCLI(LightningCLI):
     """LightningCLI whose ``model`` and ``data`` are any LightningModule / LightningDataModule, chosen by
     ``class_path`` (an ``ImageClassifier``, an attack, a user's own module), and whose trainer adds ``verify``
@@ -204,10 +218,49 @@ class WatermarkCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         parser_kwargs = dict(kwargs.get("parser_kwargs") or {})
         parser_kwargs.setdefault("exit_on_error", False)
+        parser_kwargs.setdefault("description", DESCRIPTION)
         for subcommand in self.subcommands():
             parser_kwargs.setdefault(subcommand, {}).setdefault("exit_on_error", False)
         kwargs["parser_kwargs"] = parser_kwargs
         super().__init__(*args, **kwargs)
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in TRAINING_SUBCOMMANDS:
+            parser.add_argument(
+                "--watermarks",
+                type=dict[str, WatermarkScheme] | None,
+                default=None,
+                help="Watermark schemes by name, added to the trainer's callbacks; each option is reachable as "
+                "--watermarks.<name>.init_args.<option> (e.g. --watermarks.uchida.init_args.seed=3). The name "
+                "labels the scheme's metrics and verdicts unless the scheme sets its own (verify reads the key file "
+                "instead).",
+            )
+        return parser
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        schemes = self._get(self.config_init, "watermarks", default=None) or {}
+        for label, scheme in schemes.items():
+            if scheme.name == scheme.default_name():
+                scheme.name = label
+        if schemes:
+            configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+            configured = configured if isinstance(configured, list) else [configured]
+            kwargs["callbacks"] = [*configured, *(kwargs.pop("callbacks", None) or []), *schemes.values()]
+        return super().instantiate_trainer(**kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` first (a one-line error, not Lightning's traceback). ``verify`` keeps the config's
+        architecture: the suspect's weights must fit it, which :func:`load_weights` checks; Lightning's default of
+        overriding the config with the checkpoint's hyperparameters would verify another model than configured."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if subcommand == "verify" and not ckpt_path:
+            raise ValueError("verify needs the suspect: give its checkpoint with --ckpt_path")
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            check_checkpoint_file(ckpt_path)
+        if subcommand != "verify":
+            super()._parse_ckpt_path()
 
     def before_benchmark(self) -> None:
         options = self.config[self.subcommand].get("trainer")
@@ -241,6 +294,7 @@ def main(args: list[str] | None = None) -> None:
     Errors caused by the input (a missing dataset, a tampered key, a checkpoint that does not fit) are printed as
     one line; set ``LIGHTNING_WM_DEBUG=1`` for the traceback.
     """
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     try:
         WatermarkCLI(args=args)
     except _USER_ERRORS as err:
@@ -265,14 +319,51 @@ _WRAPPERS = (
 
 def _one_line(err: BaseException) -> str:
     """One line for an error: jsonargparse nests the cause of a bad config under "Parser key" / "Problem with given
-    class_path" wrappers; keep the innermost message, prefixed with the config keys it sits under."""
-    lines = [line.strip().removeprefix("- ").strip() for line in str(err).splitlines() if line.strip()]
+    class_path" wrappers; keep the innermost message (for a union, the types expected and the value given),
+    prefixed with the config keys it sits under."""
+    text = str(err)
+    lines = [line.strip().removeprefix("- ").strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    keys = re.findall(r'Parser key "([^"]+)"', text)
+    where = f"{'.'.join(dict.fromkeys(keys))}: " if keys else ""
+    expected = re.search(r"Expected a <class '([\w.]+)'>\. Got value: (.*)", text)
+    if expected:
+        return f"{where}expected {expected.group(1)}, got {expected.group(2)!r}"
+    subtypes = re.search(r"Subtypes: \[(.*)\]", text)
+    given = re.search(r"Given value: (.*)", text)
+    if subtypes and given:
+        names = [name.replace("NoneType", "null") for name in re.findall(r"<class '([\w.]+)'>", subtypes.group(1))]
+        return f"{where}expected {' or '.join(names) or subtypes.group(1)}, got {given.group(1).strip()!r}"
     causes = [line for line in lines if not line.startswith(_WRAPPERS)]
     if len(lines) == 1 or not causes:
-        return re.sub(r'Parser key "([^"]+)":\s*', r"\1: ", lines[0]) if lines else type(err).__name__
-    keys = re.findall(r'Parser key "([^"]+)"', str(err))
-    where = f"{'.'.join(keys)}: " if keys else ""
+        return re.sub(r'Parser key "([^"]+)":\s*', r"\1: ", lines[0])
     return f"{where}{causes[0]}"
+
+
+def check_checkpoint_file(path: str | Path) -> None:
+    """Refuse, in one line, a ``--ckpt_path`` that is not a readable checkpoint (before Lightning loads it).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a directory, a lightning-wm key file, or a file ``torch.load`` cannot read (truncated, text).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a directory, not a checkpoint file")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"lightning-wm-key"):
+        raise ValueError(f"{path} is a lightning-wm key file, not a checkpoint: give it with --key")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (any unreadable file is the same user error)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"checkpoint {path} does not load ({type(err).__name__}: {reason[:120]})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a Lightning checkpoint (it has no state_dict)")
 
 
 if __name__ == "__main__":

@@ -19,11 +19,14 @@ their weights (no fine-tuning); the four counts of declared models are columns o
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import math
 import time
 import traceback
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +65,28 @@ TRAINER_OPTIONS = (
     "limit_val_batches",
     "limit_test_batches",
 )
+
+
+@contextlib.contextmanager
+def quiet_lightning(enabled: bool = True) -> Iterator[None]:
+    """Hold back Lightning's per-Trainer messages (devices, tips, seeds) and its deprecation warnings while the
+    benchmark builds dozens of Trainers, so that its output is its progress bar and its table."""
+    if not enabled:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*deprecated")
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
 
 
 def quiet_trainer(
@@ -104,6 +129,7 @@ class Benchmark:
         progress: show a progress bar over the cells.
         rerun: schemes whose embedding and attack cells are recomputed even when cached (after a change of the
             scheme's code, which the cache key, made of options, does not see).
+        verbose: let Lightning print its per-Trainer messages and warnings (held back by default).
     """
 
     def __init__(
@@ -123,6 +149,7 @@ class Benchmark:
         trainer_kwargs: dict[str, Any] | None = None,
         progress: bool = True,
         rerun: Sequence[str] = (),
+        verbose: bool = False,
     ) -> None:
         if null_models < 1:
             raise ValueError(f"null_models must be at least 1 (the accuracy baseline), got {null_models}")
@@ -148,6 +175,7 @@ class Benchmark:
         self.trainer_kwargs = dict(trainer_kwargs or {})
         self.progress = progress
         self.rerun = set(rerun)
+        self.verbose = verbose
         self.cache = CellCache(self.output_dir)
         self.rows: list[dict[str, Any]] = []
         self._data_id = describe(datamodule)
@@ -174,6 +202,10 @@ class Benchmark:
 
     def run(self) -> list[dict[str, Any]]:
         """Run (or load from the cache) every cell; return one row per scheme × (no attack + each attack)."""
+        with quiet_lightning(not self.verbose):
+            return self._run()
+
+    def _run(self) -> list[dict[str, Any]]:
         started = time.perf_counter()
         self.rows = []
         bar = tqdm(total=self.total_cells(), desc="benchmark", unit="cell", disable=not self.progress, leave=True)
