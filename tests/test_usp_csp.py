@@ -117,7 +117,8 @@ def test_csp_baked_model_is_declared_and_clean_models_are_not(csp: tuple, clean:
     scheme, marked = csp
     verdict = scheme.key.verify(marked)
     assert verdict.is_watermarked
-    assert verdict.p_value < 1e-4
+    assert verdict.null_draws == scheme.verification.null_keys
+    assert verdict.p_value == pytest.approx(2 / (verdict.null_draws + 1))  # rank 1 of N+1, Bonferroni over 2
     assert verdict.details["customer"] == "alice"
     assert verdict.queries == len(scheme.key.tensors["queries"])
     for model in [*clean.values(), clean_student]:
@@ -169,10 +170,12 @@ def test_usp_declares_marked_and_student_but_not_unmarked_models_unseen_at_key_c
     marked = _fit(scheme, 0, 8, dm, width=8)
     key: USPKey = scheme.key
     rates, accuracies = key.config["calibration_rates"], key.config["calibration_accuracies"]
-    assert len(rates) == len(accuracies) == 2 * 8  # 2 held-out references, at the end of each epoch
+    options = scheme.references
+    assert len(rates) == len(accuracies) == options.calibration * (options.epochs + 1 + len(options.prune_rates))
     comparable = [r for r, a in zip(rates, accuracies, strict=True) if a >= key.config["calibration_accuracy"]]
-    assert key.config["null_rate"] >= max(comparable) + scheme.null_margin - 1e-9
-    assert key.config["null_rate_any_accuracy"] >= max(rates) + scheme.null_margin - 1e-9 or (
+    margin = scheme.verification.null_margin
+    assert key.config["null_rate"] >= max(comparable) + margin - 1e-9
+    assert key.config["null_rate_any_accuracy"] >= max(rates) + margin - 1e-9 or (
         key.config["null_rate_any_accuracy"] == 0.99
     )
     for suspect in (marked, _distill(marked, dm_attacker, 25)):
@@ -202,13 +205,14 @@ def test_usp_detector_stays_in_the_key_file_not_in_the_checkpoint(usp: tuple, tm
 def test_configs_run_through_the_cli(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     config = str(CONFIGS / "digits" / f"{name}.yaml")
-    cli_main(["fit", "--config", config, "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false"])
+    cli_main(["fit", "--config", config, "--trainer.max_epochs=6", "--trainer.enable_progress_bar=false"])
     key_file = tmp_path / "outputs" / "digits" / f"{name}.key"
     assert load_key(key_file).scheme == name
     checkpoint = next((tmp_path / "outputs").rglob("last.ckpt"))
     cli_main(["verify", "--config", config, "--key", str(key_file), "--ckpt_path", str(checkpoint)])
     verdict = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert verdict["scheme"] == name
+    assert verdict["is_watermarked"], verdict
 
 
 def test_csp_keys_are_calibrated_so_unmarked_models_are_not_declared_for_any_customer(
@@ -223,9 +227,56 @@ def test_csp_keys_are_calibrated_so_unmarked_models_are_not_declared_for_any_cus
         scheme = CSPWatermark(customers=["alice", "bob"], embed="alice", seed=seed, num_queries=2000)
         key = scheme.make_key(SimpleNamespace(datamodule=dm), ImageClassifier(SmallCNN(1, 10, 8)))
         assert len(key.config["calibration_z"]) == 2
-        assert all(abs(z) <= scheme.calibration_max_z for z in key.config["calibration_z"])
+        assert all(abs(z) <= scheme.verification.calibration.max_z for z in key.config["calibration_z"])
         for model in clean.values():
             verdict = key.verify(model, alpha=ALPHA)
-            assert verdict.details["calibrated"]
+            assert verdict.details["calibration_z"] == key.config["calibration_z"]
             assert not verdict.is_watermarked, verdict
-            assert all(r["z"] < 2.0 for r in verdict.details["per_customer"].values()), verdict
+            assert all(r["z_normal_model"] < 2.0 for r in verdict.details["per_customer"].values()), verdict
+
+
+def _constant(num_classes: int = 10, cls: int = 3):
+    def answer(x: torch.Tensor) -> torch.Tensor:
+        probs = torch.full((len(x), num_classes), 0.02)
+        probs[:, cls] = 1.0 - 0.02 * (num_classes - 1)
+        return probs
+
+    return answer
+
+
+def _collapsed(model: torch.nn.Module, rate: float = 0.9) -> torch.nn.Module:
+    import copy
+
+    from torch.nn.utils import prune
+
+    pruned = copy.deepcopy(model)
+    layers = [(m, "weight") for m in pruned.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=rate)
+    return pruned.eval()
+
+
+@pytest.mark.parametrize("scheme_name", ["usp", "csp"])
+def test_untrained_constant_and_collapsed_models_are_not_declared(
+    scheme_name: str, usp: tuple, csp: tuple, clean: dict
+) -> None:
+    scheme = usp[0] if scheme_name == "usp" else csp[0]
+    suspects = {f"untrained{w}-{s}": SmallCNN(1, 10, w) for w in (8, 32) for s in range(3)}
+    suspects["constant"] = _constant()
+    suspects["collapsed"] = _collapsed(clean["cnn0"])
+    for name, suspect in suspects.items():
+        verdict = scheme.key.verify(suspect, alpha=ALPHA)
+        assert not verdict.is_watermarked, (name, verdict)
+    constant = scheme.key.verify(_constant(), alpha=ALPHA)
+    assert constant.is_undecidable
+    assert "near-constant" in constant.reason
+
+
+def test_csp_states_the_resolution_of_its_p_value(csp: tuple, clean: dict) -> None:
+    key: CSPKey = csp[0].key
+    verdict = key.verify(clean["cnn0"], alpha=ALPHA)
+    draws = key.config["null_keys"]
+    assert verdict.null_draws == draws
+    assert verdict.p_value >= 2 / (draws + 1)
+    assert f"1/{draws + 1}" in verdict.null
+    for result in verdict.details["per_customer"].values():
+        assert result["p_value"] == pytest.approx((1 + result["null_exceed"]) / (1 + draws))
