@@ -389,7 +389,9 @@ def _describe(batch: Any) -> str:
 
 def _trigger_example(make_generator: Callable[[], KeySampleGenerator]) -> Callable[..., TriggerSetWatermark]:
     def example(seed: int | None = None, key_path: str | None = None) -> TriggerSetWatermark:
-        return TriggerSetWatermark(make_generator(), num_keys=40, num_verify=40, seed=seed, key_path=key_path)
+        return TriggerSetWatermark(
+            make_generator(), num_keys=20, num_verify=40, key_ratio=0.5, seed=seed, key_path=key_path
+        )
 
     return example
 
@@ -409,6 +411,6 @@ def _spec(name: str, make_generator: Callable[[], KeySampleGenerator], extra_out
 CONTENT = _spec("content", lambda: ContentTrigger())
 NOISE = _spec("noise", lambda: NoiseTrigger(sigma=0.5))
 UNRELATED = _spec("unrelated", lambda: UnrelatedTrigger())
-NEW_LABEL = _spec("new_label", lambda: NewLabelTrigger(beta=0.2, alpha_fraction=0.05), extra_outputs=1)
+NEW_LABEL = _spec("new_label", lambda: NewLabelTrigger(beta=0.2), extra_outputs=1)
 """The registry entries of Zhang et al.'s three key types and Zhong et al.'s new label (one callback, four
 generators, as timm registers several variants of one architecture)."""
