@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -19,6 +20,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_wm.benchmark.matrix import AttackFactory
 from lightning_wm.data.base import DatasetNotFoundError
 from lightning_wm.registry import RegistryError
+from lightning_wm.verify.commitment import commit, load_commitment, model_fingerprint
+from lightning_wm.verify.derive import DISPUTE_ALPHA
 from lightning_wm.verify.keys import KeyFileError, load_key
 from lightning_wm.verify.verdict import NotApplicable, Verdict
 from lightning_wm.watermarks.base import WatermarkScheme
@@ -34,6 +37,8 @@ class WatermarkTrainer(L.Trainer):
         ckpt_path: str | None = None,
         alpha: float = 0.01,
         options: dict[str, Any] | None = None,
+        commitment: str | None = None,
+        dispute: bool = False,
         datamodule: L.LightningDataModule | None = None,
     ) -> Verdict:
         """Test a suspect (its checkpoint, --ckpt_path, is required) for the watermark of a key file; print the verdict.
@@ -45,12 +50,27 @@ class WatermarkTrainer(L.Trainer):
             alpha: significance level of the decision.
             options: keyword arguments of the key's ``verify``, e.g. ``'{"layer": "conv2"}'`` (a white-box key
                 reading a layer of another name), ``'{"customer": "alice"}'`` (CSP).
+            commitment: the key's published commitment record: the key must match it, and its date is reported.
+            dispute: decide at the dispute level (p < 1e-9), at which a forger trying a million seeds succeeds by
+                luck with probability at most 1e-3; overrides ``alpha``.
         """
         if ckpt_path is None:
             raise ValueError("verify needs the suspect: give its checkpoint with --ckpt_path")
         owner_key = load_key(key)
+        derived = owner_key.check_derivation()
+        record = None
+        if commitment is not None:
+            record = load_commitment(commitment)
+            record.check(owner_key)
         load_weights(model, ckpt_path)
+        alpha = DISPUTE_ALPHA if dispute else alpha
         verdict = owner_key.verify(model.eval(), alpha=alpha, **_verify_options(owner_key, options or {}))
+        provenance = {
+            "derived": derived,
+            "committed": record.created if record is not None else None,
+            "forger_seeds_at_this_level": int(0.01 / alpha) if alpha < 0.01 else 1,
+        }
+        verdict = dataclasses.replace(verdict, details={**verdict.details, "key_provenance": provenance})
         if self.logger is not None:
             self.logger.log_hyperparams({"verify/key_fingerprint": owner_key.fingerprint()[:16], "verify/alpha": alpha})
             self.logger.log_metrics(
@@ -63,6 +83,7 @@ class WatermarkTrainer(L.Trainer):
             self.logger.save()
         if self.is_global_zero:
             print(verdict)
+            print(_provenance_line(provenance))
             print(json.dumps(verdict.as_dict(), default=str))
         return verdict
 
@@ -167,6 +188,16 @@ class WatermarkTrainer(L.Trainer):
             print(markdown_table(rows))
             print(f"written: {', '.join(str(p) for p in paths.values())}")
         return rows
+
+
+def _provenance_line(provenance: dict[str, Any]) -> str:
+    derived = (
+        "derived from its secret seed (checked)"
+        if provenance["derived"]
+        else "not checkable against a seed (user-supplied or trained pieces): it proves less"
+    )
+    committed = f"matches its commitment of {provenance['committed']}" if provenance["committed"] else "no commitment"
+    return f"key: {derived}; {committed}"
 
 
 def _verify_options(key: Any, options: dict[str, Any]) -> dict[str, Any]:
@@ -295,13 +326,42 @@ def main(args: list[str] | None = None) -> None:
     one line; set ``LIGHTNING_WM_DEBUG=1`` for the traceback.
     """
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    argv = sys.argv[1:] if args is None else list(args)
     try:
+        if argv[:1] == ["commit"]:
+            commit_main(argv[1:])
+            return
         WatermarkCLI(args=args)
     except _USER_ERRORS as err:
         if os.environ.get("LIGHTNING_WM_DEBUG"):
             raise
         print(f"lightning-wm: error: {_one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def commit_main(args: list[str]) -> None:
+    """``lightning-wm commit KEY [--ckpt_path CKPT] [--output FILE]``: the commitment record of an existing key."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-wm commit",
+        description="Write the commitment record of a key (its fingerprint, a commitment to its secret seed, the "
+        "date and the marked model's weight fingerprint): keyless, meant to be published.",
+    )
+    parser.add_argument("key", help="the key file")
+    parser.add_argument("--ckpt_path", help="the marked model's checkpoint, whose weights the record fingerprints")
+    parser.add_argument("--output", help="where to write the record (default: <key>.commitment.json)")
+    options = parser.parse_args(args)
+    key = load_key(options.key)
+    weights = None
+    if options.ckpt_path:
+        check_checkpoint_file(options.ckpt_path)
+        weights = torch.load(options.ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+    record = commit(key, weights)
+    path = record.save(options.output or f"{options.key}.commitment.json")
+    print(f"commitment of {key.scheme} key {record.key_fingerprint[:12]} written to {path}")
+    if weights is not None:
+        print(f"marked weights: {model_fingerprint(weights)[:12]}")
 
 
 _WRAPPERS = (

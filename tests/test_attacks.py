@@ -209,14 +209,16 @@ def test_evasion_answers_unusual_queries_wrongly(marked, attacker_data):
 
 
 def test_overwriting_and_evasion_remove_a_trigger_set(attacker_data, tmp_path):
+    """Zhang's plain noise keys (one class, fresh noise per key): an attacker's own plain noise keys to another
+    class overwrite them. (Secret noise patterns are another matter: each owner's pattern is its own.)"""
     L.seed_everything(0)
-    generator = NoiseTrigger(target_class=0, sigma=0.5)
+    generator = NoiseTrigger(target_class=0, sigma=0.5, secret=False)
     wm = TriggerSetWatermark(generator, num_keys=50, num_verify=50, seed=1, key_path=str(tmp_path / "owner.key"))
     victim = ImageClassifier(SmallCNN(1, 10, 16), optimizer=partial(torch.optim.Adam, lr=2e-3))
     fast_trainer(max_epochs=10, callbacks=[wm]).fit(victim, datamodule=DigitsDataModule(batch_size=64))
     key = load_key(tmp_path / "owner.key")
     assert key.verify(victim).is_watermarked
-    own = TriggerSetWatermark(NoiseTrigger(target_class=3, sigma=0.5), num_keys=50, num_verify=50, seed=7)
+    own = TriggerSetWatermark(NoiseTrigger(target_class=3, sigma=0.5, secret=False), num_keys=50, num_verify=50, seed=7)
     overwrite = OverwriteAttack(victim, own, optimizer=partial(torch.optim.Adam, lr=1e-3))
     fast_trainer(max_epochs=5).fit(overwrite, datamodule=attacker_data)
     assert own.key.verify(overwrite).is_watermarked

@@ -159,7 +159,8 @@ def test_verify_prints_a_verdict_json(capsys) -> None:
     assert verdict["scheme"] == "uchida"
     assert verdict["is_watermarked"] is False, "the baseline never carried this key"
     assert {"statistic", "p_value", "threshold", "alpha", "queries"} <= set(verdict)
-    assert "not watermarked" in lines[-2]
+    assert "not watermarked" in lines[-3]
+    assert lines[-2].startswith("key: derived from its secret seed (checked)")
 
 
 def test_verify_with_a_tampered_key_is_a_one_line_error(capsys) -> None:

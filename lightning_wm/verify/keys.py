@@ -29,6 +29,10 @@ class KeyFileError(ValueError):
     """A key file that is missing, tampered with, truncated, of another scheme or of an unknown version."""
 
 
+class ForgedKeyError(KeyFileError):
+    """A key whose content is not the expansion of its secret seed: it may have been chosen to fit a model."""
+
+
 class WatermarkKey:
     """A scheme's secret: its configuration and tensors, and the test that reads the watermark back.
 
@@ -45,6 +49,32 @@ class WatermarkKey:
     def verify(self, suspect: Suspect, alpha: float = 0.01) -> Verdict:
         """Test ``suspect`` for this key's watermark at significance level ``alpha``."""
         raise NotImplementedError
+
+    @property
+    def secret(self) -> bytes | None:
+        """The 32-byte secret the key was expanded from (:mod:`lightning_wm.verify.derive`), or None."""
+        derivation = self.config.get("derivation") or {}
+        return bytes.fromhex(derivation["secret"]) if "secret" in derivation else None
+
+    def derivation_problems(self) -> list[str] | None:
+        """The pieces of the key that differ from what its secret expands to (empty: derived), or None when the
+        scheme's key cannot be re-derived from its secret alone (its verdicts then prove less: see the README's
+        threat model). Keys override this for the pieces they draw from :meth:`WatermarkScheme.key_rng`."""
+        return None
+
+    def check_derivation(self) -> bool:
+        """True when the key is checked to be the expansion of its secret, False when it cannot be checked.
+
+        Raises:
+            ForgedKeyError: a piece differs from its derivation.
+        """
+        problems = self.derivation_problems() if self.secret is not None else None
+        if problems:
+            raise ForgedKeyError(
+                f"this {self.scheme} key was not generated from its seed ({', '.join(problems)} differ): "
+                "it may have been chosen to fit a model"
+            )
+        return problems is not None
 
     def fingerprint(self) -> str:
         """SHA-256 of the key's content: safe to log (it reveals nothing of the key), used to name it."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import secrets
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -15,6 +14,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from lightning_wm.verify.blackbox import Suspect
+from lightning_wm.verify.commitment import commit
+from lightning_wm.verify.derive import DERIVATION_VERSION, derived_rng, seed_secret
 from lightning_wm.verify.keys import WatermarkKey, load_key
 from lightning_wm.verify.verdict import Verdict
 
@@ -60,6 +61,7 @@ class WatermarkScheme(Callback):
         self.seed = seed
         self.alpha = alpha
         self._key: WatermarkKey | None = None
+        self._secret: bytes | None = None
         self._resumed_fingerprint: str | None = None
         self.loss_reached = False
 
@@ -88,10 +90,20 @@ class WatermarkScheme(Callback):
         """Generate a fresh key for ``pl_module`` trained on ``trainer.datamodule``."""
         raise NotImplementedError
 
-    def key_rng(self) -> torch.Generator:
-        """The random number generator a new key is drawn from: seeded by ``seed`` (reproducible keys), else from
-        the operating system's entropy (a key nobody can re-derive)."""
-        return torch.Generator().manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
+    def key_rng(self, purpose: str = "key") -> torch.Generator:
+        """The random number generator a new key's ``purpose`` pieces are drawn from: seeded with
+        HMAC-SHA256(secret, purpose) (:mod:`lightning_wm.verify.derive`), the secret being fresh from the OS, or a
+        hash of ``seed`` (reproducible keys). Each purpose gets its own stream, so a key's derivable pieces can be
+        re-computed from its secret alone."""
+        if self._secret is None:
+            self._secret = seed_secret(self.seed)
+        return derived_rng(self._secret, f"{self.key_scheme}/{purpose}")
+
+    def _new_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> WatermarkKey:
+        self._secret = seed_secret(self.seed)
+        key = self.make_key(trainer, pl_module)
+        key.config["derivation"] = {"version": DERIVATION_VERSION, "secret": self._secret.hex()}
+        return key
 
     def split_datamodule(self, trainer: L.Trainer, purpose: str) -> Any:
         """The Trainer's lightning_wm ``SplitDataModule``, which a scheme that draws its key from the data needs."""
@@ -147,7 +159,7 @@ class WatermarkScheme(Callback):
                 if self.key_path and Path(self.key_path).is_file():
                     key = load_key(self.key_path, scheme=self.key_scheme)
                 else:
-                    key = self.make_key(trainer, pl_module)
+                    key = self._new_key(trainer, pl_module)
                     if self.key_path:
                         key.save_key(self.key_path)
             self._key = trainer.strategy.broadcast(key, src=0)
@@ -174,6 +186,17 @@ class WatermarkScheme(Callback):
         pl_module.log(f"{prefix}/statistic", verdict.statistic, sync_dist=True)
         pl_module.log(f"{prefix}/neg_log10_p", -math.log10(max(verdict.p_value, 1e-300)), sync_dist=True)
         pl_module.log(f"{prefix}/watermarked", float(verdict.is_watermarked), sync_dist=True)
+
+    def commitment_path(self) -> Path | None:
+        """Where the commitment record is written beside the key file (``<key_path>.commitment.json``)."""
+        return None if not self.key_path else Path(f"{self.key_path}.commitment.json")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """After ``fit``, write the commitment record of the final key and of the marked weights: small, keyless,
+        meant to be published (:mod:`lightning_wm.verify.commitment`)."""
+        path = self.commitment_path()
+        if stage == "fit" and path is not None and self._key is not None and trainer.is_global_zero:
+            commit(self.key, pl_module).save(path)
 
     def state_dict(self) -> dict[str, Any]:
         if self._key is None:

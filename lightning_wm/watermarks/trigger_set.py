@@ -396,7 +396,9 @@ def _trigger_example(make_generator: Callable[[], KeySampleGenerator]) -> Callab
     return example
 
 
-def _spec(name: str, make_generator: Callable[[], KeySampleGenerator], extra_outputs: int = 0) -> SchemeSpec:
+def _spec(
+    name: str, make_generator: Callable[[], KeySampleGenerator], extra_outputs: int = 0, epochs: int = 3
+) -> SchemeSpec:
     return SchemeSpec(
         name=name,
         callback=TriggerSetWatermark,
@@ -405,12 +407,13 @@ def _spec(name: str, make_generator: Callable[[], KeySampleGenerator], extra_out
         access="labels",
         example=_trigger_example(make_generator),
         example_outputs=extra_outputs,
+        example_epochs=epochs,
     )
 
 
 CONTENT = _spec("content", lambda: ContentTrigger())
 NOISE = _spec("noise", lambda: NoiseTrigger(sigma=0.5))
 UNRELATED = _spec("unrelated", lambda: UnrelatedTrigger())
-NEW_LABEL = _spec("new_label", lambda: NewLabelTrigger(beta=0.2), extra_outputs=1)
+NEW_LABEL = _spec("new_label", lambda: NewLabelTrigger(beta=0.2), extra_outputs=1, epochs=6)
 """The registry entries of Zhang et al.'s three key types and Zhong et al.'s new label (one callback, four
 generators, as timm registers several variants of one architecture)."""

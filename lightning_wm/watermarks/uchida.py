@@ -6,6 +6,7 @@ layer carry T secret bits b under a secret projection X; verification reads the 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import lightning as L
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from lightning_wm.registry import SchemeSpec
 from lightning_wm.verify.blackbox import Suspect, white_box_module
+from lightning_wm.verify.derive import derived_rng
 from lightning_wm.verify.keys import WatermarkKey
 from lightning_wm.verify.stats import binomial_log10_p_value, binomial_threshold
 from lightning_wm.verify.verdict import Verdict
@@ -66,6 +68,18 @@ class UchidaKey(WatermarkKey):
         projection = self.tensors["projection"]
         with torch.no_grad():
             return (projection.to(weight.device) @ filter_mean(weight) >= 0).long().cpu()
+
+    def derivation_problems(self) -> list[str]:
+        """X, and b unless the owner gave the message, re-drawn from the key's secret as ``make_key`` drew them."""
+        rng = derived_rng(self.secret, f"{self.scheme}/key")  # type: ignore[arg-type]
+        bits, size = len(self.tensors["message"]), math.prod(self.config["weight_shape"][1:])
+        problems = []
+        if not torch.equal(make_projection(self.config["projection"], bits, size, rng), self.tensors["projection"]):
+            problems.append("projection")
+        message = torch.randint(0, 2, (bits,), generator=rng)
+        if self.config.get("message") == "derived" and not torch.equal(message, self.tensors["message"]):
+            problems.append("message")
+        return problems
 
     def verify(self, suspect: Suspect, alpha: float = 0.01, layer: str | None = None) -> Verdict:
         bits = self.extract(suspect, layer)  # type: ignore[arg-type]
@@ -153,7 +167,12 @@ class UchidaWatermark(WatermarkScheme):
             message = torch.randint(0, 2, (self.bits,), generator=rng)
         else:
             message = torch.tensor([int(c) for c in self.message])
-        config = {"layer": self.layer, "weight_shape": list(weight.shape), "projection": self.projection}
+        config = {
+            "layer": self.layer,
+            "weight_shape": list(weight.shape),
+            "projection": self.projection,
+            "message": "derived" if self.message is None else "given",
+        }
         return UchidaKey(config, {"projection": projection, "message": message})
 
     def on_key_ready(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
