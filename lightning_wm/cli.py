@@ -57,7 +57,7 @@ class WatermarkTrainer(L.Trainer):
         if ckpt_path is None:
             raise ValueError("verify needs the suspect: give its checkpoint with --ckpt_path")
         owner_key = load_key(key)
-        derived = owner_key.check_derivation()
+        derived = owner_key.check_derivation(datamodule)
         record = None
         if commitment is not None:
             record = load_commitment(commitment)
@@ -72,15 +72,21 @@ class WatermarkTrainer(L.Trainer):
         }
         verdict = dataclasses.replace(verdict, details={**verdict.details, "key_provenance": provenance})
         if self.logger is not None:
+            prefix = f"verify/{owner_key.scheme}"
             self.logger.log_hyperparams({"verify/key_fingerprint": owner_key.fingerprint()[:16], "verify/alpha": alpha})
             self.logger.log_metrics(
                 {
-                    f"verify/{owner_key.scheme}/statistic": float(verdict.statistic),
-                    f"verify/{owner_key.scheme}/p_value": float(verdict.p_value),
-                    f"verify/{owner_key.scheme}/watermarked": float(verdict.is_watermarked),
+                    f"{prefix}/statistic": float(verdict.statistic),
+                    f"{prefix}/p_value": float(verdict.p_value),
+                    f"{prefix}/log10_p": float(verdict.log10_p),
+                    f"{prefix}/watermarked": float(verdict.is_watermarked),
                 }
             )
             self.logger.save()
+            from lightning.pytorch.loggers import WandbLogger
+
+            if isinstance(self.logger, WandbLogger):
+                _log_verdict_to_wandb(self.logger, verdict, owner_key.fingerprint(), model, ckpt_path)
         if self.is_global_zero:
             print(verdict)
             print(_provenance_line(provenance))
@@ -168,6 +174,7 @@ class WatermarkTrainer(L.Trainer):
             progress=bool(self.benchmark_trainer_kwargs.get("enable_progress_bar", True)),
             rerun=rerun or (),
             verbose=verbose,
+            wandb_settings=_wandb_settings(self.logger, output_dir),
         )
         rows = bench.run()
         summary = {
@@ -188,6 +195,116 @@ class WatermarkTrainer(L.Trainer):
             print(markdown_table(rows))
             print(f"written: {', '.join(str(p) for p in paths.values())}")
         return rows
+
+
+def _log_verdict_to_wandb(
+    logger: Any, verdict: Verdict, key_fingerprint: str, suspect: torch.nn.Module, ckpt_path: str
+) -> None:
+    """Put ``verdict`` in the W&B run's summary (``verify/<scheme>/outcome``, ``p_value``, ``log10_p``,
+    ``statistic``) and log it as an artifact of type ``verdict``: the verdict JSON that ``verify`` prints, with the
+    key's and the suspect's fingerprints as metadata. Nothing of the key but its fingerprint is in either."""
+    import wandb
+
+    prefix = f"verify/{verdict.scheme}"
+    run = logger.experiment
+    run.summary.update(
+        {
+            f"{prefix}/outcome": verdict.outcome.value,
+            f"{prefix}/statistic_name": verdict.statistic_name,
+            f"{prefix}/statistic": float(verdict.statistic),
+            f"{prefix}/p_value": float(verdict.p_value),
+            f"{prefix}/log10_p": float(verdict.log10_p),
+            f"{prefix}/threshold": float(verdict.threshold),
+            f"{prefix}/alpha": float(verdict.alpha),
+            f"{prefix}/queries": int(verdict.queries or 0),
+        }
+    )
+    metadata = {
+        "scheme": verdict.scheme,
+        "outcome": verdict.outcome.value,
+        "p_value": float(verdict.p_value),
+        "log10_p": float(verdict.log10_p),
+        "key_fingerprint": key_fingerprint[:16],
+        "suspect": str(ckpt_path),
+        "suspect_fingerprint": model_fingerprint(suspect)[:16],
+    }
+    artifact = wandb.Artifact(
+        re.sub(r"[^A-Za-z0-9_.-]", "-", f"verdict-{verdict.scheme}-{key_fingerprint[:12]}"),
+        type="verdict",
+        description=f"lightning-wm verify of {ckpt_path}: {verdict.outcome.value}",
+        metadata=metadata,
+    )
+    with artifact.new_file("verdict.json") as f:
+        f.write(json.dumps(verdict.as_dict(), default=str, indent=2))
+    run.log_artifact(artifact)
+
+
+def _wandb_settings(logger: Any, output_dir: str) -> dict[str, Any] | None:
+    """The W&B settings (``project``, ``entity``, ``save_dir``, ``group``, ``mode``) the benchmark gives each cell's
+    run, from the benchmark's ``WandbLogger``; None (no per-cell runs) for any other logger. The group is the
+    logger's ``group``, else the name of ``output_dir``; the logger's own (summary) run joins it."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not isinstance(logger, WandbLogger):
+        return None
+    init = logger._wandb_init
+    if logger._experiment is None:
+        init["group"] = init.get("group") or Path(output_dir).resolve().name
+        group = init["group"]
+    else:
+        group = logger.experiment.group or init.get("group") or Path(output_dir).resolve().name
+    settings = {
+        "project": init.get("project"),
+        "entity": init.get("entity"),
+        "save_dir": logger.save_dir,
+        "group": group,
+        "mode": init.get("mode") or ("offline" if logger._offline else None),
+    }
+    return {name: value for name, value in settings.items() if value is not None}
+
+
+def public_config(config: Any) -> Any:
+    """The resolved config as plain JSON-like values for a dashboard, with nothing that rebuilds a key: tensors are
+    dropped, and the ``seed`` and ``message`` of every watermark scheme (and of what it is made of) are replaced by
+    ``"<secret>"`` (a scheme's ``seed`` expands to its key); the key's fingerprint is logged beside it instead."""
+    return _public(config, secret=False)
+
+
+_SECRET_OPTIONS = ("seed", "message")
+
+
+def _public(value: Any, secret: bool) -> Any:
+    if isinstance(value, torch.Tensor):
+        return None
+    if isinstance(value, dict):
+        secret = secret or _is_watermark_class(value.get("class_path"))
+        out = {}
+        for name, item in value.items():
+            if isinstance(item, torch.Tensor) or name.startswith("__"):
+                continue
+            hidden = secret and name in _SECRET_OPTIONS and item is not None and not isinstance(item, bool)
+            out[name] = "<secret>" if hidden else _public(item, secret)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_public(item, secret) for item in value if not isinstance(item, torch.Tensor)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _is_watermark_class(class_path: Any) -> bool:
+    """Whether ``class_path`` names a watermark scheme or one of its parts (a trigger generator): lightning_wm's
+    ``watermarks`` package, or any ``WatermarkScheme`` subclass (a plugin's)."""
+    if not isinstance(class_path, str):
+        return False
+    if class_path.startswith("lightning_wm.watermarks"):
+        return True
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(__import__(module, fromlist=[name]), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, WatermarkScheme)
 
 
 def _provenance_line(provenance: dict[str, Any]) -> str:
@@ -279,6 +396,49 @@ class WatermarkCLI(LightningCLI):
             configured = configured if isinstance(configured, list) else [configured]
             kwargs["callbacks"] = [*configured, *(kwargs.pop("callbacks", None) or []), *schemes.values()]
         return super().instantiate_trainer(**kwargs)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        self.log_config_to_wandb()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run the subcommand, then finish its W&B runs: one ``lightning-wm`` call is one run, also when a notebook
+        or a test calls :func:`main` several times in one process (a later logger would reuse a live run)."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        exit_code = 1
+        try:
+            super()._run_subcommand(subcommand)
+            exit_code = 0
+        finally:
+            for logger in self.trainer.loggers:
+                if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                    logger._experiment.finish(exit_code=exit_code)
+
+    def log_config_to_wandb(self) -> None:
+        """Put the full resolved config of the subcommand (trainer, data, model, schemes, seed, verify and benchmark
+        options; :func:`public_config`: no key, no scheme seed) in the run config of every ``WandbLogger``, before
+        its run starts give it ``job_type`` = the subcommand unless set (``fit``, ``verify``, ``benchmark``...),
+        and for ``benchmark`` the group of its cells' runs (the output folder's name unless set) and the name
+        ``summary`` unless set."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        trainer = getattr(self, "trainer", None)
+        loggers = [logger for logger in (trainer.loggers if trainer else []) if isinstance(logger, WandbLogger)]
+        if not loggers:
+            return
+        subcommand = self.subcommand
+        config = self.config[subcommand] if subcommand else self.config
+        public = public_config(config.as_dict())
+        public.pop("config", None)
+        for logger in loggers:
+            if logger._experiment is None:
+                logger._wandb_init["job_type"] = logger._wandb_init.get("job_type") or subcommand
+                if subcommand == "benchmark":
+                    group = Path(str(config.get("output_dir") or "benchmark")).resolve().name
+                    logger._wandb_init["group"] = logger._wandb_init.get("group") or group
+                    logger._wandb_init["name"] = logger._wandb_init.get("name") or "summary"
+            logger.log_hyperparams({"subcommand": subcommand, **public})
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` first (a one-line error, not Lightning's traceback). ``verify`` keeps the config's

@@ -166,7 +166,7 @@ def test_overhead_is_reported_as_ratios_to_plain_training(tmp_path):
     assert by_name["uchida"]["slowdown"] > 0
 
 
-def test_cli_benchmark_prints_the_table_and_logs_it_to_offline_wandb(tmp_path, monkeypatch, capsys):
+def test_cli_benchmark_logs_a_run_per_cell_and_a_summary_run_to_offline_wandb(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lightning-wm"])
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -195,8 +195,26 @@ def test_cli_benchmark_prints_the_table_and_logs_it_to_offline_wandb(tmp_path, m
     assert "| noise | none |" in out
     assert "| noise | prune_50 |" in out
     assert (tmp_path / "bench" / "heatmap.png").is_file()
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    media = runs[0] / "files" / "media"
-    assert list(media.rglob("*.table.json")), "the benchmark table is in the W&B run"
-    assert list(media.rglob("*.png")), "the heatmap is in the W&B run"
+    from test_wandb import offline_runs
+
+    runs = {run.name: run for run in offline_runs(tmp_path)}
+    assert set(runs) == {"unmarked-0", "noise×none", "noise×prune_50", "summary"}, "one run per cell, one summary"
+    assert {run.group for run in runs.values()} == {"quickstart"}
+    assert {name: run.job_type for name, run in runs.items()} == {
+        "unmarked-0": "embed",
+        "noise×none": "embed",
+        "noise×prune_50": "attack",
+        "summary": "benchmark",
+    }
+    cell = runs["noise×prune_50"]
+    assert set(cell.tags) == {"noise", "prune_50"}
+    assert cell.summary["outcome"] in ("watermarked", "not watermarked", "undecidable")
+    assert "p_value" in cell.summary
+    assert "statistic" in cell.summary
+    assert any("wm/noise/p_value" in row for row in runs["noise×none"].history), "the embedding's per-epoch verdicts"
+    summary = runs["summary"]
+    (report,) = [artifact for artifact in summary.artifacts if artifact.type == "benchmark-report"]
+    assert {entry.path for entry in report.manifest.contents} == {"results.csv", "results.md", "heatmap.png"}
+    media = summary.folder / "files" / "media"
+    assert list(media.rglob("*.table.json")), "the benchmark table is in the summary run"
+    assert list(media.rglob("*.png")), "the heatmap is in the summary run"

@@ -32,6 +32,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from tqdm.auto import tqdm
@@ -80,6 +81,7 @@ def quiet_lightning(enabled: bool = True) -> Iterator[None]:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*deprecated")
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
         for logger in loggers:
             logger.setLevel(logging.WARNING)
         try:
@@ -92,7 +94,8 @@ def quiet_lightning(enabled: bool = True) -> Iterator[None]:
 def quiet_trainer(
     trainer_kwargs: dict[str, Any], max_epochs: int, callbacks: list[L.Callback] | None = None, **overrides: Any
 ) -> L.Trainer:
-    """A Trainer with the hardware options of ``trainer_kwargs`` and no logger, checkpoint or progress bar."""
+    """A Trainer with the hardware options of ``trainer_kwargs`` and no logger (unless ``logger`` is in
+    ``overrides``: a cell's W&B run), checkpoint or progress bar."""
     options = {k: v for k, v in trainer_kwargs.items() if k in TRAINER_OPTIONS}
     options.update(
         max_epochs=max_epochs,
@@ -130,6 +133,12 @@ class Benchmark:
         rerun: schemes whose embedding and attack cells are recomputed even when cached (after a change of the
             scheme's code, which the cache key, made of options, does not see).
         verbose: let Lightning print its per-Trainer messages and warnings (held back by default).
+        wandb_settings: log every computed cell to its own W&B run: ``wandb.init`` options (``project``,
+            ``entity``, ``save_dir``, ``group``, ``mode``), the same for every cell; each run is named
+            ``<scheme>×<attack>`` (``<scheme>×none`` for embedding, ``unmarked-<i>`` for an unmarked model), has
+            ``job_type`` = its phase (``embed``, ``attack``) and tags for its scheme and attack, and holds the cell's
+            training curves, per-epoch ``wm/`` verdicts and, in its summary, the cell's verdict fields. Cached cells
+            log no run (their rows are in the report). None (default): no logger, as quiet as before.
     """
 
     def __init__(
@@ -150,6 +159,7 @@ class Benchmark:
         progress: bool = True,
         rerun: Sequence[str] = (),
         verbose: bool = False,
+        wandb_settings: dict[str, Any] | None = None,
     ) -> None:
         if null_models < 1:
             raise ValueError(f"null_models must be at least 1 (the accuracy baseline), got {null_models}")
@@ -176,6 +186,7 @@ class Benchmark:
         self.progress = progress
         self.rerun = set(rerun)
         self.verbose = verbose
+        self.wandb_settings = dict(wandb_settings) if wandb_settings is not None else None
         self.cache = CellCache(self.output_dir)
         self.rows: list[dict[str, Any]] = []
         self._data_id = describe(datamodule)
@@ -187,14 +198,52 @@ class Benchmark:
             return self.attack_epochs
         return int(self.attack_epochs.get(attack, 1))
 
-    def trainer(self, max_epochs: int, callbacks: list[L.Callback] | None = None) -> L.Trainer:
-        """A quiet Trainer with the benchmark's hardware options."""
-        return quiet_trainer(self.trainer_kwargs, max_epochs, callbacks)
+    def trainer(
+        self, max_epochs: int, callbacks: list[L.Callback] | None = None, logger: Logger | bool = False
+    ) -> L.Trainer:
+        """A quiet Trainer with the benchmark's hardware options, logging to ``logger`` (a cell's run) if given."""
+        if logger is False:
+            return quiet_trainer(self.trainer_kwargs, max_epochs, callbacks)
+        steps = self.trainer_kwargs.get("log_every_n_steps", 50)
+        return quiet_trainer(self.trainer_kwargs, max_epochs, callbacks, logger=logger, log_every_n_steps=steps)
 
-    def test_accuracy(self, module: L.LightningModule) -> float:
+    def test_accuracy(self, module: L.LightningModule, logger: Logger | bool = False) -> float:
         """``test/acc`` of ``module`` on the owner's test split."""
-        (metrics,) = self.trainer(1).test(module, datamodule=self.datamodule, verbose=False)
+        (metrics,) = self.trainer(1, logger=logger).test(module, datamodule=self.datamodule, verbose=False)
         return float(metrics["test/acc"])
+
+    @contextlib.contextmanager
+    def cell_run(self, phase: str, name: str, tags: Sequence[str], config: dict[str, Any]) -> Iterator[Any]:
+        """The logger of one computed cell: a ``WandbLogger`` on a new run of the benchmark's group (see
+        ``wandb_settings``), finished when the cell is (exit code 1 if it raised), or ``False`` without W&B."""
+        if self.wandb_settings is None:
+            yield False
+            return
+        import wandb
+        from lightning.pytorch.loggers import WandbLogger
+
+        settings = dict(self.wandb_settings)
+        save_dir = settings.pop("save_dir", None)
+        if save_dir is not None:
+            Path(save_dir).mkdir(parents=True, exist_ok=True)
+        run = wandb.init(
+            **settings,
+            dir=save_dir,
+            name=name,
+            job_type=phase,
+            tags=list(dict.fromkeys(tags)),
+            config={"benchmark": {"phase": phase, "seed": self.seed, "alpha": self.alpha, **config}},
+            reinit="create_new",
+        )
+        try:
+            yield WandbLogger(experiment=run)
+        except BaseException:
+            run.finish(exit_code=1)
+            raise
+        run.finish(exit_code=1 if run.summary.get("status") == "error" else 0)
+
+    def _scheme_label(self, scheme: WatermarkScheme) -> str:
+        return next((label for label, candidate in self.schemes.items() if candidate is scheme), scheme.name)
 
     def total_cells(self) -> int:
         """Cells the progress bar counts: per scheme, the unmarked models, the embedding and each attack."""
@@ -312,8 +361,10 @@ class Benchmark:
             torch.manual_seed(self.seed + index)
             model = reinitialised_copy(template) if index else clone_module(template)
             L.seed_everything(self.seed + index, verbose=False)
-            self.trainer(self.embed_epochs).fit(model, datamodule=self.datamodule)
-            row = {"acc": self.test_accuracy(model)}
+            with self.cell_run("embed", f"unmarked-{index}", ["unmarked"], {"cell": cell}) as logger:
+                self.trainer(self.embed_epochs, logger=logger).fit(model, datamodule=self.datamodule)
+                row = {"acc": self.test_accuracy(model, logger)}
+                _log_cell_summary(logger, row)
             self.cache.save_model(cell, model)
             self.cache.save_row(cell, row)
         bar.update()
@@ -338,13 +389,16 @@ class Benchmark:
             model = clone_module(template)
             L.seed_everything(self.seed, verbose=False)
             began = time.perf_counter()
-            self.trainer(self.embed_epochs, callbacks=[scheme]).fit(model, datamodule=self.datamodule)
-            verdict = scheme.key.verify(model.eval(), alpha=self.alpha)
-            row = {
-                "acc": self.test_accuracy(model),
-                **_verdict_fields(verdict),
-                "embed_time": time.perf_counter() - began,
-            }
+            with self.cell_run("embed", f"{name}×none", [name, "none"], {"cell": cell, "scheme": name}) as logger:
+                trainer = self.trainer(self.embed_epochs, callbacks=[scheme], logger=logger)
+                trainer.fit(model, datamodule=self.datamodule)
+                verdict = scheme.key.verify(model.eval(), alpha=self.alpha)
+                row = {
+                    "acc": self.test_accuracy(model, logger),
+                    **_verdict_fields(verdict),
+                    "embed_time": time.perf_counter() - began,
+                }
+                _log_cell_summary(logger, {**row, "key_fingerprint": scheme.key.fingerprint()[:12]})
             self.cache.save_model(cell, model)
             self.cache.save_row(cell, row)
         bar.update()
@@ -367,24 +421,28 @@ class Benchmark:
         if row is not None:
             return row
         began = time.perf_counter()
-        try:
-            L.seed_everything(self.seed, verbose=False)
-            attack = factory(marked)
-            attack.prepare(scheme)
-            if epochs > 0:
-                self.trainer(epochs).fit(attack, datamodule=self.attacker_datamodule)
-            acc = self.test_accuracy(attack)
-            verdict = key.verify(attack.eval(), alpha=self.alpha)
-            row = {
-                "acc": acc,
-                **_verdict_fields(verdict),
-                "queries": int(attack.queries) + int(verdict.queries or 0),
-            }
-        except NotApplicable as err:
-            row = {"acc": math.nan, "status": "n/a", "reason": _first_line(err)}
-        except Exception as err:  # noqa: BLE001  (an error cell; the run goes on)
-            row = {"acc": math.nan, "status": "error", "reason": self._log_error(cell, err)}
-        row["attack_time"] = time.perf_counter() - began
+        label = self._scheme_label(scheme)
+        run_config = {"cell": cell, "scheme": label, "attack": name, "epochs": epochs, "key": key.fingerprint()[:12]}
+        with self.cell_run("attack", f"{label}×{name}", [label, name], run_config) as logger:
+            try:
+                L.seed_everything(self.seed, verbose=False)
+                attack = factory(marked)
+                attack.prepare(scheme)
+                if epochs > 0:
+                    self.trainer(epochs, logger=logger).fit(attack, datamodule=self.attacker_datamodule)
+                acc = self.test_accuracy(attack, logger)
+                verdict = key.verify(attack.eval(), alpha=self.alpha)
+                row = {
+                    "acc": acc,
+                    **_verdict_fields(verdict),
+                    "queries": int(attack.queries) + int(verdict.queries or 0),
+                }
+            except NotApplicable as err:
+                row = {"acc": math.nan, "status": "n/a", "reason": _first_line(err)}
+            except Exception as err:  # noqa: BLE001  (an error cell; the run goes on)
+                row = {"acc": math.nan, "status": "error", "reason": self._log_error(cell, err)}
+            row["attack_time"] = time.perf_counter() - began
+            _log_cell_summary(logger, row)
         if row.get("status") != "error":
             self.cache.save_row(cell, row)
         return row
@@ -415,6 +473,14 @@ class Benchmark:
             "queries": row.get("queries", row.get("verify_queries", 0)),
             "attack_time": row.get("attack_time", 0.0),
         }
+
+
+def _log_cell_summary(logger: Any, row: dict[str, Any]) -> None:
+    """The cell's row (accuracy, statistic, p-value, outcome, status, reason...) in its W&B run's summary."""
+    if logger is False:
+        return
+    values = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items() if k != "cell"}
+    logger.experiment.summary.update(values)
 
 
 def _verdict_fields(verdict: Verdict) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -149,13 +150,28 @@ def heatmap(rows: list[dict[str, Any]], path: str | Path, title: str = "watermar
     return path
 
 
-def log_to_wandb(logger: Any, rows: list[dict[str, Any]], image: Path, summary: dict[str, Any]) -> None:
-    """Log the table (a ``wandb.Table``), the heatmap and the run's summary (key fingerprints, never keys)."""
+def log_to_wandb(
+    logger: Any, rows: list[dict[str, Any]], image: Path, summary: dict[str, Any], files: dict[str, Path] | None = None
+) -> None:
+    """Log the table (a ``wandb.Table``), the heatmap, the run's summary (key fingerprints, never keys; the count of
+    cells by outcome under ``benchmark/status/<outcome>``) and ``files`` (results.csv, results.md, heatmap.png) as an
+    artifact of type ``benchmark-report`` named after the run's group."""
     import wandb
 
+    run = logger.experiment
     table = wandb.Table(columns=list(COLUMNS), data=[[_wandb_value(r.get(c)) for c in COLUMNS] for r in rows])
     logger.log_hyperparams(summary)
-    logger.experiment.log({"benchmark/table": table, "benchmark/heatmap": wandb.Image(str(image))})
+    run.log({"benchmark/table": table, "benchmark/heatmap": wandb.Image(str(image))})
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[str(row.get("status"))] = counts.get(str(row.get("status")), 0) + 1
+    run.summary.update({"benchmark/cells": len(rows), **{f"benchmark/status/{k}": n for k, n in counts.items()}})
+    if files:
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", f"benchmark-report-{getattr(run, 'group', None) or 'benchmark'}")
+        artifact = wandb.Artifact(name, type="benchmark-report", metadata={"cells": len(rows), **counts})
+        for path in files.values():
+            artifact.add_file(str(path), name=Path(path).name)
+        run.log_artifact(artifact)
 
 
 def _wandb_value(value: Any) -> Any:
@@ -169,8 +185,9 @@ def _wandb_value(value: Any) -> Any:
 def write_reports(
     rows: list[dict[str, Any]], output_dir: str | Path, logger: Any = None, summary: dict[str, Any] | None = None
 ) -> dict[str, Path]:
-    """Write ``results.csv``, ``results.md`` and ``heatmap.png`` under ``output_dir``; log them to W&B when
-    ``logger`` is a ``WandbLogger`` (any other logger receives the summary as hyperparameters)."""
+    """Write ``results.csv``, ``results.md`` and ``heatmap.png`` under ``output_dir``; log them to W&B (table,
+    image and a ``benchmark-report`` artifact of the three files) when ``logger`` is a ``WandbLogger`` (any other
+    logger receives the summary as hyperparameters)."""
     output_dir = Path(output_dir)
     paths = {
         "csv": write_csv(rows, output_dir / "results.csv"),
@@ -182,7 +199,7 @@ def write_reports(
         from lightning.pytorch.loggers import WandbLogger
 
         if isinstance(logger, WandbLogger):
-            log_to_wandb(logger, rows, paths["heatmap"], summary or {})
+            log_to_wandb(logger, rows, paths["heatmap"], summary or {}, files=paths)
         else:
             logger.log_hyperparams(summary or {})
             logger.save()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,7 +16,7 @@ from lightning_wm.verify.blackbox import Suspect
 from lightning_wm.verify.commitment import commit
 from lightning_wm.verify.derive import DERIVATION_VERSION, derived_rng, seed_secret
 from lightning_wm.verify.keys import WatermarkKey, load_key
-from lightning_wm.verify.verdict import Verdict
+from lightning_wm.verify.verdict import Outcome, Verdict
 
 
 class WatermarkScheme(Callback):
@@ -30,8 +29,10 @@ class WatermarkScheme(Callback):
     resume, that the same key came back) and never the key.
 
     After every validation epoch the scheme verifies the model being trained and logs ``wm/<name>/statistic``,
-    ``wm/<name>/neg_log10_p`` and ``wm/<name>/watermarked``; ``name`` also labels its fingerprint in the logged
-    hyperparameters and its verdicts, so several schemes (two trigger sets, say) can share one fit.
+    ``p_value`` (float32: 0 below ~1e-38), ``neg_log10_p`` (exact), ``threshold``, ``watermarked`` and
+    ``undecidable`` (0/1); after ``fit`` the final verdict goes into each W&B run's summary. ``name`` also labels
+    its fingerprint in the logged hyperparameters and its verdicts, so several schemes (two trigger sets, say) can
+    share one fit.
 
     Subclasses set ``key_scheme`` (the scheme name their key files carry), implement :meth:`make_key`, and
     override any of :meth:`training_loss` (a term the :class:`~lightning_wm.mixin.WatermarkMixin` adds to the
@@ -183,9 +184,16 @@ class WatermarkScheme(Callback):
             return
         verdict = self.verify(pl_module)
         prefix = f"wm/{self.name}"
-        pl_module.log(f"{prefix}/statistic", verdict.statistic, sync_dist=True)
-        pl_module.log(f"{prefix}/neg_log10_p", -math.log10(max(verdict.p_value, 1e-300)), sync_dist=True)
-        pl_module.log(f"{prefix}/watermarked", float(verdict.is_watermarked), sync_dist=True)
+        metrics = {
+            "statistic": float(verdict.statistic),
+            "p_value": float(verdict.p_value),
+            "neg_log10_p": -float(verdict.log10_p),
+            "threshold": float(verdict.threshold),
+            "watermarked": float(verdict.is_watermarked),
+            "undecidable": float(verdict.outcome is Outcome.UNDECIDABLE),
+        }
+        for metric, value in metrics.items():
+            pl_module.log(f"{prefix}/{metric}", value, sync_dist=True)
 
     def commitment_path(self) -> Path | None:
         """Where the commitment record is written beside the key file (``<key_path>.commitment.json``)."""
@@ -193,10 +201,40 @@ class WatermarkScheme(Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """After ``fit``, write the commitment record of the final key and of the marked weights: small, keyless,
-        meant to be published (:mod:`lightning_wm.verify.commitment`)."""
+        meant to be published (:mod:`lightning_wm.verify.commitment`); and put the final model's verdict in the
+        summary of every W&B run the fit logs to (:meth:`log_verdict_summary`)."""
+        if stage != "fit" or self._key is None or not trainer.is_global_zero:
+            return
         path = self.commitment_path()
-        if stage == "fit" and path is not None and self._key is not None and trainer.is_global_zero:
+        if path is not None:
             commit(self.key, pl_module).save(path)
+        self.log_verdict_summary(trainer, pl_module)
+
+    def log_verdict_summary(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Write ``wm/<name>/verdict`` (the outcome), ``p_value``, ``log10_p``, ``statistic``, ``threshold`` and
+        ``key_fingerprint`` of the trained model into ``run.summary`` of each ``WandbLogger``: the run's table row
+        shows whether the fit ended watermarked. Other loggers have no summary; their last ``wm/`` metrics say it."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        runs = [logger.experiment for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if not runs:
+            return
+        verdict = self.verify(pl_module)
+        prefix = f"wm/{self.name}"
+        summary = {
+            f"{prefix}/verdict": verdict.outcome.value,
+            f"{prefix}/statistic_name": verdict.statistic_name,
+            f"{prefix}/statistic": float(verdict.statistic),
+            f"{prefix}/p_value": float(verdict.p_value),
+            f"{prefix}/log10_p": float(verdict.log10_p),
+            f"{prefix}/threshold": float(verdict.threshold),
+            f"{prefix}/alpha": float(verdict.alpha),
+            f"{prefix}/key_fingerprint": self.key.fingerprint()[:16],
+        }
+        if verdict.reason:
+            summary[f"{prefix}/reason"] = verdict.reason
+        for run in runs:
+            run.summary.update(summary)
 
     def state_dict(self) -> dict[str, Any]:
         if self._key is None:
