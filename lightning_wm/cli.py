@@ -417,10 +417,12 @@ class WatermarkCLI(LightningCLI):
 
     def log_config_to_wandb(self) -> None:
         """Put the full resolved config of the subcommand (trainer, data, model, schemes, seed, verify and benchmark
-        options; :func:`public_config`: no key, no scheme seed) in the run config of every ``WandbLogger``, before
-        its run starts give it ``job_type`` = the subcommand unless set (``fit``, ``verify``, ``benchmark``...),
-        and for ``benchmark`` the group of its cells' runs (the output folder's name unless set) and the name
-        ``summary`` unless set."""
+        options; :func:`public_config`: no key, no scheme seed) in the run config of every ``WandbLogger``.
+
+        A new run gets ``job_type`` = the subcommand unless set (``fit``, ``verify``, ``benchmark``...); for
+        ``benchmark`` also the group of its cells' runs (the output folder's name unless set) and the name
+        ``summary``. A run resumed by ``id`` (``verify`` into the fit's run) keeps its job type, and another
+        subcommand's config goes under its name (``verify: {...}``) instead of over the fit's."""
         from lightning.pytorch.loggers import WandbLogger
 
         trainer = getattr(self, "trainer", None)
@@ -432,13 +434,15 @@ class WatermarkCLI(LightningCLI):
         public = public_config(config.as_dict())
         public.pop("config", None)
         for logger in loggers:
-            if logger._experiment is None:
-                logger._wandb_init["job_type"] = logger._wandb_init.get("job_type") or subcommand
+            init = logger._wandb_init
+            resumed = bool(init.get("id")) or logger._experiment is not None
+            if not resumed:
+                init["job_type"] = init.get("job_type") or subcommand
                 if subcommand == "benchmark":
-                    group = Path(str(config.get("output_dir") or "benchmark")).resolve().name
-                    logger._wandb_init["group"] = logger._wandb_init.get("group") or group
-                    logger._wandb_init["name"] = logger._wandb_init.get("name") or "summary"
-            logger.log_hyperparams({"subcommand": subcommand, **public})
+                    init["group"] = init.get("group") or Path(str(config.get("output_dir"))).resolve().name
+                    init["name"] = init.get("name") or "summary"
+            nested = resumed and subcommand not in (None, "fit")
+            logger.log_hyperparams({subcommand: public} if nested else {"subcommand": subcommand, **public})
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` first (a one-line error, not Lightning's traceback). ``verify`` keeps the config's

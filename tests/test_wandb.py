@@ -58,6 +58,7 @@ class OfflineRun:
     """One offline run as the W&B server would rebuild it from its log: config, history, summary, artifacts."""
 
     folder: Path
+    id: str = ""
     name: str = ""
     group: str = ""
     job_type: str = ""
@@ -75,7 +76,8 @@ def read_run(folder: Path) -> OfflineRun:
     for record in records(log):
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            run.name, run.group, run.job_type = record.run.display_name, record.run.run_group, record.run.job_type
+            run.id, run.name = record.run.run_id, record.run.display_name
+            run.group, run.job_type = record.run.run_group, record.run.job_type
             run.tags = list(record.run.tags)
             run.config.update({item.key: json.loads(item.value_json) for item in record.run.config.update})
         elif kind == "config":
@@ -160,8 +162,17 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 def test_fit_and_verify_runs_hold_config_verdicts_and_artifact_but_no_key(workdir: Path, capsys) -> None:
     config = _config(workdir)
     main(["fit", "--config", str(config)])
-    main(["verify", "--config", str(config), "--key", "uchida.key", "--ckpt_path", "ckpt/last.ckpt"])
+    verify_args = ["verify", "--config", str(config), "--key", "uchida.key", "--ckpt_path", "ckpt/last.ckpt"]
+    main(verify_args)
     fit, verify = offline_runs(workdir / "wb")
+    resume = [f"--trainer.logger.init_args.id={fit.id}", "--trainer.logger.init_args.resume=allow"]
+    main([*verify_args, *resume])
+    resumed = offline_runs(workdir / "wb")[2]
+    assert resumed.id == fit.id, "verify logs into the fit's run when given its id"
+    assert resumed.job_type == ""
+    assert resumed.config["verify"]["key"] == "uchida.key", "verify's config sits beside the fit's, not over it"
+    assert "trainer" not in resumed.config
+    assert resumed.summary["verify/uchida/outcome"] == "watermarked"
 
     assert (fit.job_type, fit.group, fit.name) == ("fit", "digits", "uchida")
     assert fit.config["trainer"]["max_epochs"] == 3
@@ -196,7 +207,7 @@ def test_fit_and_verify_runs_hold_config_verdicts_and_artifact_but_no_key(workdi
 
     projection = key.tensors["projection"]
     pieces = [projection[0], projection[7], projection[-1, :16]]
-    for run in (fit, verify):
+    for run in (fit, verify, resumed):
         for path in (p for p in run.folder.rglob("*") if p.is_file()):
             content = path.read_bytes()
             assert not any(_contains(content, piece) for piece in pieces), f"{path} holds key values"

@@ -215,7 +215,8 @@ class Benchmark:
     @contextlib.contextmanager
     def cell_run(self, phase: str, name: str, tags: Sequence[str], config: dict[str, Any]) -> Iterator[Any]:
         """The logger of one computed cell: a ``WandbLogger`` on a new run of the benchmark's group (see
-        ``wandb_settings``), finished when the cell is (exit code 1 if it raised), or ``False`` without W&B."""
+        ``wandb_settings``), finished when the cell is (exit code 1 if it raised), or ``False`` without W&B. The
+        runs print nothing (W&B's per-run banners would break the progress bar) unless ``verbose``."""
         if self.wandb_settings is None:
             yield False
             return
@@ -234,6 +235,7 @@ class Benchmark:
             tags=list(dict.fromkeys(tags)),
             config={"benchmark": {"phase": phase, "seed": self.seed, "alpha": self.alpha, **config}},
             reinit="create_new",
+            settings=wandb.Settings(silent=not self.verbose),
         )
         try:
             yield WandbLogger(experiment=run)
