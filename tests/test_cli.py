@@ -181,16 +181,42 @@ def test_verify_with_a_tampered_key_is_a_one_line_error(capsys) -> None:
     )
 
 
+def _checkpoint_tensors(obj: object) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for value in obj.values() for t in _checkpoint_tensors(value)]
+    if isinstance(obj, (list, tuple)):
+        return [t for value in obj for t in _checkpoint_tensors(value)]
+    return []
+
+
+def _holds(haystack: torch.Tensor, needle: torch.Tensor) -> bool:
+    """Whether the values of ``needle`` occur, contiguous and in order, among the values of ``haystack``."""
+    hay, pin = haystack.detach().flatten().float(), needle.detach().flatten().float()
+    if len(hay) < len(pin):
+        return False
+    starts = (hay[: len(hay) - len(pin) + 1] == pin[0]).nonzero().flatten()
+    return any(torch.equal(hay[s : s + len(pin)], pin) for s in starts[:10_000].tolist())
+
+
 def test_uchida_config_embeds_and_verify_declares_it(capsys) -> None:
+    """The Uchida config embeds, its checkpoint holds neither the projection matrix nor any row of it (the key's
+    values, searched in every tensor, not its name), and ``verify`` declares it."""
     config = str(CONFIGS / "digits" / "uchida.yaml")
     main(["fit", "--config", config, "--trainer.max_epochs=2", *QUIET])
     key_file = Path("outputs/digits/uchida.key")
-    assert load_key(key_file).scheme == "uchida"
-    hparams = yaml.safe_load(next(Path("outputs/digits/uchida").rglob("hparams.yaml")).read_text())
-    assert hparams["wm/uchida/key_fingerprint"] == load_key(key_file).fingerprint()[:16]
-    assert "projection" not in json.dumps(hparams, default=str)
-    capsys.readouterr()
+    key = load_key(key_file)
+    assert key.scheme == "uchida"
+    hparams = yaml.safe_load(next(Path("outputs/digits/logs/uchida").rglob("hparams.yaml")).read_text())
+    assert hparams["wm/uchida/key_fingerprint"] == key.fingerprint()[:16]
     checkpoint = next(Path("outputs").rglob("last.ckpt"))
+    tensors = _checkpoint_tensors(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    projection = key.tensors["projection"]
+    assert _holds(torch.cat([torch.randn(7), projection[3], torch.randn(3)]), projection[3]), "the search works"
+    for needle in (projection, projection[0], projection[-1], key.tensors["message"]):
+        assert not any(_holds(t, needle) for t in tensors)
+    capsys.readouterr()
     main(["verify", "--config", config, "--key", str(key_file), "--ckpt_path", str(checkpoint)])
     verdict = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert verdict["is_watermarked"] is True, verdict

@@ -3,6 +3,7 @@ command, and every command block marked ``<!-- runnable -->`` runs as written (o
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import subprocess
@@ -10,6 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+from lightning_wm.benchmark.report import STATUS_COLOURS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -55,7 +59,21 @@ def test_every_runnable_block_of_the_readme_runs_as_written(tmp_path):
 
 @pytest.mark.slow
 def test_the_main_job_runs_as_written(tmp_path):
+    """The README's main job writes its table: one row per scheme of the config, unattacked ("none") and after each
+    of its attacks, every cell computed (no "error"), every scheme declared on its own marked model, and the
+    Markdown table and heatmap beside the CSV."""
     blocks = _blocks("slow")
     assert len(blocks) == 1
     _run(tmp_path, blocks)
-    assert (tmp_path / "outputs" / "benchmark" / "quickstart" / "heatmap.png").is_file()
+    config = yaml.safe_load((ROOT / "configs" / "benchmark" / "quickstart.yaml").read_text())
+    out = tmp_path / config["output_dir"]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    cells = [(row["scheme"], row["attack"]) for row in rows]
+    assert sorted(cells) == sorted((s, a) for s in config["schemes"] for a in ["none", *config["attacks"]])
+    statuses = {row["status"] for row in rows}
+    assert statuses <= set(STATUS_COLOURS) - {"error"}, statuses
+    assert {row["status"] for row in rows if row["attack"] == "none"} == {"kept"}, "every scheme is embedded"
+    table = (out / "results.md").read_text().strip().splitlines()
+    assert len(table) == 2 + len(rows)
+    assert not any("| error" in line for line in table)
+    assert (out / "heatmap.png").stat().st_size > 0

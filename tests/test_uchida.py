@@ -4,7 +4,6 @@ with BER 0 and a tiny binomial p-value, is not found in unmarked models, and its
 from __future__ import annotations
 
 import json
-import math
 from functools import partial
 from pathlib import Path
 
@@ -338,4 +337,6 @@ def test_the_three_embedding_situations_run_from_their_configs(tmp_path, monkeyp
     assert set(distilled["state_dict"]) == set(tuned.state_dict()), "the student's checkpoint holds no teacher"
     assert _test_acc(student) > 0.8
     assert _test_acc(tuned) > 0.9
-    assert math.isfinite(load_key("outputs/digits/uchida.key").verify(tuned).p_value)
+    other = load_key("outputs/digits/uchida.key").verify(tuned)
+    assert not other.is_watermarked, "a model marked with another key is not declared under this one"
+    assert other.statistic > 0.3, other
