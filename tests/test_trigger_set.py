@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,7 +31,6 @@ from lightning_wm.watermarks.trigger_set import KeyCycler, TriggerSetKey, shard_
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-FASHION_DIR = str(Path(os.environ.get("TMPDIR", "/tmp")) / "lightning_wm_fashion")
 EPOCHS = 6
 KEY_RATIO = 0.5
 
@@ -367,6 +365,8 @@ def test_key_file_round_trip_verifies_the_same(dm: DigitsDataModule, tmp_path: P
 
 
 def test_config_runs_through_the_cli_and_verifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """``lightning-wm fit`` with the new-label config, then ``lightning-wm verify`` of its checkpoint with its key
+    file: declared watermarked, from the embedded keys against as many never-embedded null keys."""
     monkeypatch.chdir(tmp_path)
     config = str(CONFIGS / "digits" / "new_label.yaml")
     cli_main(["fit", "--config", config, "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false"])
@@ -376,6 +376,7 @@ def test_config_runs_through_the_cli_and_verifies(tmp_path: Path, monkeypatch: p
     cli_main(["verify", "--config", config, "--key", str(key_file), "--ckpt_path", str(checkpoint)])
     verdict = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert verdict["scheme"] == "trigger_set"
+    assert verdict["is_watermarked"] is True, verdict
     assert verdict["queries"] == _key_queries(load_key(key_file))
     assert verdict["details"]["null_keys"] == verdict["details"]["keys"]
 
