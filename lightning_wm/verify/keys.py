@@ -56,19 +56,20 @@ class WatermarkKey:
         derivation = self.config.get("derivation") or {}
         return bytes.fromhex(derivation["secret"]) if "secret" in derivation else None
 
-    def derivation_problems(self) -> list[str] | None:
+    def derivation_problems(self, datamodule: Any = None) -> list[str] | None:
         """The pieces of the key that differ from what its secret expands to (empty: derived), or None when the
         scheme's key cannot be re-derived from its secret alone (its verdicts then prove less: see the README's
-        threat model). Keys override this for the pieces they draw from :meth:`WatermarkScheme.key_rng`."""
+        threat model). Keys override this for the pieces they draw from :meth:`WatermarkScheme.key_rng`; a key
+        drawn partly from the owner's data (trigger images) needs that ``datamodule``."""
         return None
 
-    def check_derivation(self) -> bool:
+    def check_derivation(self, datamodule: Any = None) -> bool:
         """True when the key is checked to be the expansion of its secret, False when it cannot be checked.
 
         Raises:
             ForgedKeyError: a piece differs from its derivation.
         """
-        problems = self.derivation_problems() if self.secret is not None else None
+        problems = self.derivation_problems(datamodule) if self.secret is not None else None
         if problems:
             raise ForgedKeyError(
                 f"this {self.scheme} key was not generated from its seed ({', '.join(problems)} differ): "

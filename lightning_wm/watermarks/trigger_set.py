@@ -12,6 +12,8 @@ answers, chance accuracy) apart: they are undecidable, never watermarked.
 
 from __future__ import annotations
 
+import inspect
+import json
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -53,6 +55,32 @@ class TriggerSetKey(WatermarkKey):
     """
 
     scheme = "trigger_set"
+
+    def derivation_problems(self, datamodule: Any = None) -> list[str] | None:
+        """Rebuild the key from its secret, its generator's settings and the owner's data (``datamodule``) and name
+        the tensors that differ: key images cherry-picked to fit a model, or labels chosen to, differ from what the
+        secret expands to. None (not checkable) without the data, or for a generator given images of the user's
+        own (a logo ``patch``): such keys are not derived and prove less."""
+        init = self.config.get("generator_init")
+        generator_class = GENERATORS.get(str(self.config.get("generator")))
+        if datamodule is None or init is None or generator_class is None or "scheme_options" not in self.config:
+            return None
+        if "source_used" in self.config and "source" in init:
+            init = {**init, "source": self.config["source_used"]}
+        if getattr(datamodule, "train_dataset", None) is None:
+            datamodule.setup("fit")
+        scheme = TriggerSetWatermark(generator_class(**init), **self.config["scheme_options"])
+        scheme._secret = self.secret
+        rebuilt = scheme.build_key(datamodule, int(self.config["num_classes"]))
+        names = sorted(set(rebuilt.tensors) | set(self.tensors))
+        return [
+            name
+            for name in names
+            if name not in rebuilt.tensors
+            or name not in self.tensors
+            or rebuilt.tensors[name].shape != self.tensors[name].shape
+            or not torch.equal(rebuilt.tensors[name], self.tensors[name])
+        ]
 
     def key_accuracy(
         self, suspect: Suspect, split: Literal["verify", "embed", "null"] = "verify"
@@ -247,9 +275,12 @@ class TriggerSetWatermark(WatermarkScheme):
         return self.generator.name
 
     def make_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> TriggerSetKey:
-        datamodule = trainer.datamodule
+        return self.build_key(trainer.datamodule, _task_classes(pl_module, trainer.datamodule))
+
+    def build_key(self, datamodule: Any, num_classes: int) -> TriggerSetKey:
+        """The key drawn from :meth:`key_rng` and the owner's data: what :meth:`TriggerSetKey.derivation_problems`
+        re-computes from the key's secret."""
         inputs, _ = training_tensors(datamodule)
-        num_classes = _task_classes(pl_module, datamodule)
         rng = self.key_rng()
         num_embed = self.generator.num_keys(len(inputs), self.num_keys)
         memorised = self.generator.memorised()
@@ -279,6 +310,8 @@ class TriggerSetWatermark(WatermarkScheme):
             "input_shape": list(inputs.shape[1:]),
             "verified_on": "embedded keys" if memorised else "held-out keys",
             "null_test": "fisher" if num_null else "binomial",
+            "generator_init": generator_init(self.generator),
+            "scheme_options": {"num_keys": self.num_keys, "num_verify": self.num_verify, "num_probes": self.num_probes},
         }
         verify = slice(0, num_embed) if memorised else slice(num_embed, num_embed + num_held_out)
         null = slice(num_embed + num_held_out, None)
@@ -374,6 +407,30 @@ class TriggerSetWatermark(WatermarkScheme):
             pl_module.log(f"wm/{self.name}/embed_key_accuracy", accuracy, sync_dist=True)
 
 
+GENERATORS: dict[str, type[KeySampleGenerator]] = {
+    cls.__name__: cls for cls in (ContentTrigger, NoiseTrigger, UnrelatedTrigger, NewLabelTrigger)
+}
+"""The generators a key can be rebuilt with (a key file names one; nothing else is ever imported for it)."""
+
+
+def generator_init(generator: KeySampleGenerator) -> dict[str, Any] | None:
+    """The generator's constructor arguments, JSON-able, so the key can be rebuilt from its secret; None for a
+    generator holding images of the user's own (a ``patch``), or one of a class the key cannot rebuild."""
+    if type(generator).__name__ not in GENERATORS or getattr(generator, "patch", None) is not None:
+        return None
+    init = {}
+    for name in list(inspect.signature(type(generator).__init__).parameters)[1:]:
+        if not hasattr(generator, name):
+            return None
+        value = getattr(generator, name)
+        init[name] = list(value) if isinstance(value, tuple) else value
+    try:
+        json.dumps(init)
+    except TypeError:
+        return None
+    return init
+
+
 def _task_classes(pl_module: nn.Module, datamodule: Any) -> int:
     classes = getattr(pl_module, "num_classes", None) or getattr(datamodule, "num_classes", None)
     if not isinstance(classes, int):
@@ -414,6 +471,6 @@ def _spec(
 CONTENT = _spec("content", lambda: ContentTrigger())
 NOISE = _spec("noise", lambda: NoiseTrigger(sigma=0.5))
 UNRELATED = _spec("unrelated", lambda: UnrelatedTrigger())
-NEW_LABEL = _spec("new_label", lambda: NewLabelTrigger(beta=0.2), extra_outputs=1, epochs=6)
+NEW_LABEL = _spec("new_label", lambda: NewLabelTrigger(beta=0.2), extra_outputs=1, epochs=10)
 """The registry entries of Zhang et al.'s three key types and Zhong et al.'s new label (one callback, four
 generators, as timm registers several variants of one architecture)."""

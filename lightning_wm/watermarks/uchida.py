@@ -69,7 +69,7 @@ class UchidaKey(WatermarkKey):
         with torch.no_grad():
             return (projection.to(weight.device) @ filter_mean(weight) >= 0).long().cpu()
 
-    def derivation_problems(self) -> list[str]:
+    def derivation_problems(self, datamodule: Any = None) -> list[str]:
         """X, and b unless the owner gave the message, re-drawn from the key's secret as ``make_key`` drew them."""
         rng = derived_rng(self.secret, f"{self.scheme}/key")  # type: ignore[arg-type]
         bits, size = len(self.tensors["message"]), math.prod(self.config["weight_shape"][1:])
