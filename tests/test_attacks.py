@@ -3,7 +3,6 @@ its paper says, keeps the victim's weights and the owner's key out of its checkp
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 import yaml
 from conftest import fast_trainer
 
-from lightning_wm import ImageClassifier, load_classifier
+from lightning_wm import ImageClassifier, load_classifier, registry
 from lightning_wm.attacks import (
     DistillationAttack,
     EvasionAttack,
@@ -48,7 +47,8 @@ def marked(tmp_path_factory, one_thread):
     config = yaml.safe_load((CONFIGS / "digits" / "uchida.yaml").read_text())
     config["trainer"].update(max_epochs=6, logger=False, enable_progress_bar=False, enable_model_summary=False)
     config["trainer"]["default_root_dir"] = str(root)
-    wm, checkpoint = config["trainer"]["callbacks"]
+    (checkpoint,) = config["trainer"]["callbacks"]
+    wm = config["watermarks"]["uchida"]
     wm["init_args"].update(bits=64, seed=3, key_path=str(root / "owner.key"))
     checkpoint["init_args"]["dirpath"] = str(root)
     config["model"]["init_args"]["backbone"]["init_args"]["width"] = 16
@@ -65,6 +65,18 @@ def marked(tmp_path_factory, one_thread):
 @pytest.fixture(scope="module")
 def attacker_data():
     return DigitsDataModule(batch_size=64, train_split="attacker")
+
+
+@pytest.fixture(scope="module")
+def new_label(one_thread):
+    """The registry's new-label example (Zhong et al.: keys labelled with an 11th class) on a width-16 SmallCNN,
+    and its key: the black-box victim of the last-layer and pruning attacks."""
+    scheme = registry.scheme("new_label").example(seed=5)
+    L.seed_everything(5)
+    model = ImageClassifier(SmallCNN(1, 11, 16), num_classes=10, optimizer=partial(torch.optim.Adam, lr=2e-3))
+    fast_trainer(registry.scheme("new_label").example_epochs, [scheme]).fit(model, DigitsDataModule(batch_size=64))
+    assert scheme.key.verify(model).is_watermarked
+    return model.eval(), scheme.key
 
 
 def _test_acc(module, data) -> float:
@@ -125,19 +137,66 @@ def test_fine_tuning_modes(marked, attacker_data, victim_acc):
     assert _test_acc(attacks["FTAL"], attacker_data) > victim_acc - 0.05
 
 
-def test_global_pruning_at_90_percent_costs_accuracy(marked, attacker_data, victim_acc):
+def test_global_pruning_at_90_percent_costs_accuracy_not_the_weight_mark(marked, attacker_data, victim_acc):
+    """Pruning 90% of all weights (no retraining) collapses the victim to chance (measured: 98.1% -> 8.9%) while
+    the Uchida bits survive (BER 0.03): the largest weights, which pruning keeps, carry the projected signs.
+    10% pruning costs nothing (97.8%)."""
     victim, key, _ = marked
     attack = PruneAttack(victim, rate=0.9, scope="global")
-    trainer = fast_trainer(max_epochs=0)
-    trainer.fit(attack, datamodule=attacker_data)
+    fast_trainer(max_epochs=0).fit(attack, datamodule=attacker_data)
     assert attack.sparsity == pytest.approx(0.9, abs=1e-3)
     assert not any(name.endswith("_orig") for name, _ in attack.named_parameters())
-    assert _test_acc(attack, attacker_data) < victim_acc - 0.2
+    assert _test_acc(attack, attacker_data) < 0.3
     rows = prune_sweep(victim, rates=(0.1, 0.9), key=key, datamodule=attacker_data)
     assert [row["rate"] for row in rows] == [0.1, 0.9]
-    assert rows[0]["test_acc"] > rows[1]["test_acc"]
-    assert rows[0]["is_watermarked"]
-    assert 0.0 <= rows[1]["p_value"] <= 1.0
+    assert rows[0]["test_acc"] > victim_acc - 0.01
+    assert rows[1]["test_acc"] < 0.3
+    assert rows[0]["is_watermarked"], rows
+    assert rows[1]["is_watermarked"], rows
+    assert rows[1]["statistic"] < 0.1, rows
+
+
+def test_global_pruning_at_90_percent_leaves_a_black_box_key_undecidable(new_label, attacker_data):
+    """The new-label victim pruned at 90% answers one class to every clean input (measured: 8.9% accuracy): its
+    key is answered at chance, and the verdict says the suspect is degenerate instead of "not watermarked"."""
+    model, key = new_label
+    attack = PruneAttack(model, rate=0.9, scope="global")
+    fast_trainer(max_epochs=0).fit(attack, datamodule=attacker_data)
+    assert _test_acc(attack, attacker_data) < 0.3
+    verdict = key.verify(attack)
+    assert verdict.is_undecidable, verdict
+    assert "near-constant" in verdict.reason
+
+
+def test_retraining_the_last_layer_removes_new_label_keys(new_label, attacker_data):
+    """RTLL (Adi et al.) retrains a fresh 11-output head on the attacker's 10 classes: the new label is never
+    answered again, so the embedded keys score like the null keys (Fisher p = 1) at no accuracy cost (measured:
+    98.1% -> 98.9%); the body still carries the mark, as the original head swapped back in shows."""
+    model, key = new_label
+    victim_acc = _test_acc(model, attacker_data)
+    L.seed_everything(0)
+    attack = FineTuneAttack(model, mode="RTLL", optimizer=partial(torch.optim.Adam, lr=2e-3))
+    fast_trainer(max_epochs=5).fit(attack, datamodule=attacker_data)
+    assert _test_acc(attack, attacker_data) > victim_acc - 0.02
+    verdict = key.verify(attack)
+    assert verdict.outcome.value == "not watermarked", verdict
+    assert verdict.statistic == 0.0
+    assert verdict.p_value > 0.5
+    assert key.verify(attack.model_with_original_head()).is_watermarked
+
+
+def test_distillation_removes_uchidas_mark(marked, attacker_data, victim_acc):
+    """A student of the victim's architecture, freshly initialised and trained only from the victim's soft outputs,
+    has weights of its own: its extracted bits match the owner's message at chance (measured BER 0.47, p = 0.35;
+    0.44-0.58 over six seeds), so it is not declared, while it keeps most of the accuracy (98.1% -> 94.4%)."""
+    victim, key, _ = marked
+    L.seed_everything(0)
+    attack = DistillationAttack(victim, temperature=3.0, optimizer=partial(torch.optim.Adam, lr=2e-3))
+    fast_trainer(max_epochs=8).fit(attack, datamodule=attacker_data)
+    assert _test_acc(attack, attacker_data) > victim_acc - 0.05
+    verdict = key.verify(attack)
+    assert verdict.outcome.value == "not watermarked", verdict
+    assert verdict.statistic == pytest.approx(0.5, abs=0.15)
 
 
 def test_distillation_into_an_mlp_from_queries_only(marked, attacker_data):
@@ -180,14 +239,20 @@ def test_bad_victims_and_students_fail_with_one_line(marked, tmp_path, monkeypat
     assert not Path("outputs").exists(), "nothing may be trained"
 
 
-def test_overwriting_leaves_both_keys_verifiable(marked, attacker_data, tmp_path):
+def test_overwriting_leaves_both_keys_verifiable(marked, attacker_data, tmp_path, victim_acc):
+    """An attacker's own Uchida key embedded into the same layer does not erase the owner's: both are declared
+    (measured BER 0.00 for the owner, 0.06 for the attacker) and the accuracy is unchanged (98.1%)."""
     victim, owner_key, _ = marked
     scheme = UchidaWatermark(layer="conv2", bits=64, strength=0.1, seed=99, key_path=str(tmp_path / "attacker.key"))
+    L.seed_everything(0)
     attack = OverwriteAttack(victim, scheme, optimizer=partial(torch.optim.Adam, lr=1e-3))
     fast_trainer(max_epochs=3).fit(attack, datamodule=attacker_data)
     attacker_key = load_key(tmp_path / "attacker.key")
     assert attacker_key.verify(attack).is_watermarked
-    assert math.isfinite(owner_key.verify(attack).p_value)
+    owner = owner_key.verify(attack)
+    assert owner.is_watermarked, owner
+    assert owner.statistic < 0.1, owner
+    assert _test_acc(attack, attacker_data) > victim_acc - 0.02
 
 
 def test_evasion_answers_unusual_queries_wrongly(marked, attacker_data):
