@@ -17,7 +17,7 @@ import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_wm.benchmark.matrix import AttackFactory
+from lightning_wm.benchmark.matrix import AttackFactory, quiet_lightning
 from lightning_wm.data.base import DatasetNotFoundError
 from lightning_wm.registry import RegistryError
 from lightning_wm.verify.commitment import commit, load_commitment, model_fingerprint
@@ -495,12 +495,23 @@ def main(args: list[str] | None = None) -> None:
         if argv[:1] == ["commit"]:
             commit_main(argv[1:])
             return
-        WatermarkCLI(args=args)
+        with quiet_lightning(argv[:1] == ["benchmark"] and not _asks_verbose(argv)):
+            WatermarkCLI(args=args)
     except _USER_ERRORS as err:
         if os.environ.get("LIGHTNING_WM_DEBUG"):
             raise
         print(f"lightning-wm: error: {_one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _asks_verbose(argv: list[str]) -> bool:
+    """Whether a ``benchmark`` command line sets ``--verbose`` (to show Lightning's messages)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--verbose="):
+            return arg.split("=", 1)[1].lower() in ("true", "1", "yes")
+        if arg == "--verbose":
+            return i + 1 >= len(argv) or argv[i + 1].lower() not in ("false", "0", "no")
+    return False
 
 
 def commit_main(args: list[str]) -> None:
