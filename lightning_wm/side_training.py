@@ -1,8 +1,9 @@
-"""Side training: the clean models a scheme needs beside the marked one, trained by a Lightning ``Trainer``.
+"""Side training: the clean models trained beside the marked one, by a Lightning ``Trainer``.
 
 Clean reference models (USP's detector negatives and calibration, CSP's calibration) are re-initialised copies of
-the owner's backbone trained with cross-entropy on the owner's training data; every scheme gets them here, from
-one helper, so no scheme writes an optimizer loop of its own.
+the owner's backbone trained with cross-entropy on the owner's training data, and the benchmark's unmarked models
+are copies of the owner's LightningModule trained like the marked one: all of them come from :func:`fit_copy`, so
+nothing writes an optimizer loop of its own.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_wm.models.reinit import reinitialised_copy
+from lightning_wm.models.reinit import clone_module, reinitialised_copy
 
 _QUIET = {
     "logger": False,
@@ -84,6 +85,22 @@ def train_clean_models(
     return models
 
 
+def fit_copy(
+    template: L.LightningModule,
+    seed: int,
+    trainer: L.Trainer,
+    reinitialise: bool = True,
+    **fit_kwargs: Any,
+) -> L.LightningModule:
+    """A copy of ``template`` (fresh weights drawn from ``seed``, or its own with ``reinitialise=False``) trained by
+    ``trainer.fit(copy, **fit_kwargs)`` with ``seed`` set for the data order."""
+    torch.manual_seed(seed)
+    model = reinitialised_copy(template) if reinitialise else clone_module(template)
+    L.seed_everything(seed % 2**32, verbose=False)
+    trainer.fit(model, **fit_kwargs)
+    return model
+
+
 def _train_one(
     template: nn.Module,
     datamodule: Any,
@@ -93,11 +110,11 @@ def _train_one(
     hook: list[_EpochHook],
     index: int,
 ) -> nn.Module:
-    torch.manual_seed(seed)
-    module = CleanModel(reinitialised_copy(template), lr=lr)
     if hook:
         hook[0].index = index
-    quiet_trainer(**options).fit(module, train_dataloaders=datamodule.train_dataloader())
+    module = fit_copy(
+        CleanModel(template, lr=lr), seed, quiet_trainer(**options), train_dataloaders=datamodule.train_dataloader()
+    )
     return module.backbone.eval().requires_grad_(False)
 
 

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from lightning_wm.attacks.base import RemovalAttack
 from lightning_wm.benchmark.cache import CellCache, cell_id, describe
 from lightning_wm.models.reinit import clone_module, reinitialised_copy
+from lightning_wm.side_training import fit_copy
 from lightning_wm.verify.keys import WatermarkKey, load_key
 from lightning_wm.verify.stats import empirical_p_value
 from lightning_wm.verify.verdict import NotApplicable, Verdict
@@ -360,11 +361,11 @@ class Benchmark:
         model = self.cache.load_model(cell, template)
         row = self.cache.load_row(cell)
         if model is None or row is None:
-            torch.manual_seed(self.seed + index)
-            model = reinitialised_copy(template) if index else clone_module(template)
-            L.seed_everything(self.seed + index, verbose=False)
             with self.cell_run("embed", f"unmarked-{index}", ["unmarked"], {"cell": cell}) as logger:
-                self.trainer(self.embed_epochs, logger=logger).fit(model, datamodule=self.datamodule)
+                trainer = self.trainer(self.embed_epochs, logger=logger)
+                model = fit_copy(
+                    template, self.seed + index, trainer, reinitialise=index > 0, datamodule=self.datamodule
+                )
                 row = {"acc": self.test_accuracy(model, logger)}
                 _log_cell_summary(logger, row)
             self.cache.save_model(cell, model)
