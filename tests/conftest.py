@@ -4,12 +4,15 @@ module (``marked``), and the test-only plugin scheme; nothing touches the networ
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
 from lightning_wm import ImageClassifier, registry
 from lightning_wm.data import DigitsDataModule
@@ -114,6 +117,33 @@ def marked(tmp_path_factory, dm: DigitsDataModule) -> Callable[[str], Marked]:
         return cache[name]
 
     return get
+
+
+class _ExitingLauncher(_MultiProcessingLauncher):
+    """Lightning's spawn launcher, whose workers leave through ``os._exit`` once ``fit`` has returned and rank 0's
+    results are on the (synchronous) return queue.
+
+    Why: under torch 2.14 / gloo a spawned rank now and then aborts in C++ static destructors at interpreter exit
+    ("terminate called without an active exception", no Python frame), after its work is done; the parent then
+    raises ``ProcessExitedException`` for a fit that succeeded. Skipping interpreter teardown in the worker avoids
+    it; an exception in the worker still propagates as before.
+    """
+
+    def _wrapping_function(self, *args, **kwargs) -> None:
+        super()._wrapping_function(*args, **kwargs)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+class ExitingDDPSpawn(DDPStrategy):
+    """``strategy="ddp_spawn"`` with :class:`_ExitingLauncher`: what the 2-process tests use."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(start_method="spawn", **kwargs)
+
+    def _configure_launcher(self) -> None:
+        self._launcher = _ExitingLauncher(self, start_method=self._start_method)
 
 
 def pytest_configure(config) -> None:

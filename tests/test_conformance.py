@@ -6,8 +6,9 @@ p-values behave as valid ones on innocent models at α = 0.01 (no more declared 
 far in the tail, a constant predictor never): clean models of two architectures, models marked with other keys
 of the same scheme, models marked by every other scheme, untrained networks and clean models collapsed by 80%
 pruning (no fine-tuning). A key chosen to fit an innocent model is refused, grinding seeds does not reach the
-dispute level, and a key matches its commitment. Every attack runs against every scheme or raises ``NotApplicable``. A scheme registered by a
-plugin (``tests/toy_plugin.py``, registered in ``conftest.py``) is held to all of it with no edit here.
+dispute level, and a key matches its commitment. Every attack runs against every scheme or raises
+``NotApplicable``. A scheme registered by a plugin (``tests/toy_plugin.py``, registered in ``conftest.py``) is held
+to all of it with no edit here.
 
 Fast: ``pytest tests/test_conformance.py``. Slow (``-m slow``): the false-accusation counts with ≥ 10 models per
 population; set ``LIGHTNING_WM_RESULTS=<folder>`` to write the counts as JSON.

@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import WIDTH, Marked, example_model, example_scheme, fast_trainer
+from conftest import WIDTH, ExitingDDPSpawn, Marked, example_model, example_scheme, fast_trainer
 
 from lightning_wm import ImageClassifier, registry
 from lightning_wm.attacks import DistillationAttack, EvasionAttack, FineTuneAttack, OverwriteAttack, PruneAttack
@@ -306,8 +306,10 @@ def test_bf16_mixed_embeds_every_scheme(name: str, dm: DigitsDataModule) -> None
 # both runs take the same number of optimizer steps. The trigger-set key sharding is checked in
 # test_trigger_set.py.
 
-SINGLE = {"devices": 1}
-DDP = {"strategy": "ddp_spawn", "devices": 2}
+
+def _runs() -> dict[str, dict]:
+    """One process, then two (a fresh strategy object per Trainer)."""
+    return {"single": {"devices": 1}, "ddp": {"strategy": ExitingDDPSpawn(), "devices": 2}}
 
 
 def _per_rank_batch(kwargs: dict) -> int:
@@ -321,7 +323,7 @@ def test_every_scheme_under_two_process_ddp_gives_the_single_process_verdict(
     name: str, tmp_path: Path, clean_models: dict[int, ImageClassifier]
 ) -> None:
     keys, models = {}, {}
-    for label, kwargs in {"single": SINGLE, "ddp": DDP}.items():
+    for label, kwargs in _runs().items():
         key_path = tmp_path / f"{label}.key"
         scheme = _scheme(name, seed=1, key_path=key_path)
         L.seed_everything(0)
@@ -369,7 +371,7 @@ def test_every_attack_under_two_process_ddp_gives_the_single_process_verdict(
 ) -> None:
     m = marked(ATTACKED_SCHEME[name])
     verdicts = {}
-    for label, kwargs in {"single": SINGLE, "ddp": DDP}.items():
+    for label, kwargs in _runs().items():
         L.seed_everything(0)
         attack = _attack(name, m.model)
         before = {k: v.clone() for k, v in attack.state_dict().items()}

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from conftest import fast_trainer
+from conftest import ExitingDDPSpawn, fast_trainer
 from torch import nn
 
 from lightning_wm import ImageClassifier
@@ -403,7 +403,7 @@ def test_two_process_ddp_shards_the_keys_and_embeds_the_watermark(tmp_path: Path
     )
     L.seed_everything(0)
     model = _classifier(10)
-    trainer = _trainer(EPOCHS, [scheme], strategy="ddp_spawn", devices=2)
+    trainer = _trainer(EPOCHS, [scheme], strategy=ExitingDDPSpawn(), devices=2)
     trainer.fit(model, DigitsDataModule(batch_size=32))
     shards = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert shards == [list(range(0, 40, 2)), list(range(1, 40, 2))]
