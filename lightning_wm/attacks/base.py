@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch.nn.functional as F
@@ -21,6 +21,9 @@ from lightning_wm.classifier import ClassifierSteps, load_classifier
 from lightning_wm.models.hidden import HiddenModule
 from lightning_wm.models.reinit import clone_module
 from lightning_wm.verify.blackbox import BlackBoxModel
+
+if TYPE_CHECKING:
+    from optuna.distributions import BaseDistribution
 
 Victim = str | nn.Module
 
@@ -82,6 +85,14 @@ class RemovalAttack(ClassifierSteps):
     exposes_weights: bool = True
     """Whether the attacked model is handed over as weights; False for an attack that serves it behind an API, so
     a white-box key raises :class:`~lightning_wm.verify.NotApplicable` on it."""
+
+    @classmethod
+    def search_space(cls) -> dict[str, BaseDistribution]:
+        """The attacker's knobs, as Optuna distributions, that ``lightning-wm benchmark --search`` tunes to find the
+        strongest setting of this attack (the SoK's adaptive attacker, Lukas et al., S&P 2022). Names are
+        constructor arguments, except ``lr`` and ``optimizer`` (the optimizer factory) and ``epochs`` (training
+        epochs): see :func:`lightning_wm.benchmark.search.attack_from_params`. Empty: nothing to tune."""
+        return {}
 
     def prepare(self, scheme: Any) -> None:
         """Called by the benchmark with the owner's scheme before ``fit``: an attack that needs to know the scheme

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 from functools import partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,9 @@ from lightning_wm.models.reinit import reinitialised_copy
 from lightning_wm.registry import AttackSpec
 
 ApiOutput = Literal["probs", "labels"]
+
+if TYPE_CHECKING:
+    from optuna.distributions import BaseDistribution
 
 
 def _output_size(model: nn.Module, example: Tensor | None = None) -> int | None:
@@ -98,6 +101,18 @@ class DistillationAttack(RemovalAttack):
         self.query_budget = query_budget
         self.model = copy.deepcopy(student)
         self.black_box(teacher, output=output, temperature=temperature)
+
+    @classmethod
+    def search_space(cls) -> dict[str, BaseDistribution]:
+        """Temperature, epochs, learning rate and what the API serves (soft labels or top-1 labels)."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        return {
+            "temperature": FloatDistribution(1.0, 10.0),
+            "epochs": IntDistribution(1, 10),
+            "lr": FloatDistribution(1e-4, 1e-1, log=True),
+            "output": CategoricalDistribution(["probs", "labels"]),
+        }
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -5,7 +5,7 @@ Techniques", 2018; an autoencoder detector as in Namba & Sakuma, AsiaCCS 2019)."
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,9 @@ from lightning_wm.attacks.base import RemovalAttack, Victim, load_victim
 from lightning_wm.registry import AttackSpec
 
 EvasiveAnswer = Literal["random", "second"]
+
+if TYPE_CHECKING:
+    from optuna.distributions import BaseDistribution
 
 
 class ConvAutoencoder(nn.Module):
@@ -106,6 +109,13 @@ class EvasionAttack(RemovalAttack):
         self.test_flags = MeanMetric()
 
     exposes_weights = False
+
+    @classmethod
+    def search_space(cls) -> dict[str, BaseDistribution]:
+        """The share of clean queries answered honestly: lower flags more key samples and costs more accuracy."""
+        from optuna.distributions import FloatDistribution
+
+        return {"quantile": FloatDistribution(0.8, 0.99)}
 
     @property
     def model(self) -> nn.Module:  # type: ignore[override]

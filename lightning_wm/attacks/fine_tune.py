@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 from functools import partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -16,6 +16,9 @@ from lightning_wm.registry import AttackSpec
 
 FineTuneMode = Literal["FTLL", "FTAL", "RTLL", "RTAL"]
 LabelSource = Literal["true", "victim"]
+
+if TYPE_CHECKING:
+    from optuna.distributions import BaseDistribution
 
 
 class FineTuneAttack(RemovalAttack):
@@ -64,6 +67,18 @@ class FineTuneAttack(RemovalAttack):
             head.requires_grad_(True)
         if labels == "victim":
             self.black_box(victim, output="labels")
+
+    @classmethod
+    def search_space(cls) -> dict[str, BaseDistribution]:
+        """Learning rate, optimizer, epochs and which of Adi et al.'s four variants."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        return {
+            "lr": FloatDistribution(1e-4, 1e-1, log=True),
+            "optimizer": CategoricalDistribution(["adam", "sgd"]),
+            "epochs": IntDistribution(1, 10),
+            "mode": CategoricalDistribution(["FTLL", "FTAL", "RTLL", "RTAL"]),
+        }
 
     def model_with_original_head(self) -> nn.Module:
         """A copy of the attacked model with the victim's original last layer restored (Adi et al.'s RT* check)."""

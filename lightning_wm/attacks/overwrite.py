@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -16,6 +16,9 @@ from lightning_wm.attacks.base import RemovalAttack, Victim, copy_victim
 from lightning_wm.mixin import WatermarkMixin
 from lightning_wm.registry import AttackSpec
 from lightning_wm.watermarks.base import WatermarkScheme
+
+if TYPE_CHECKING:
+    from optuna.distributions import BaseDistribution
 
 
 class OverwriteAttack(WatermarkMixin, RemovalAttack):
@@ -50,6 +53,13 @@ class OverwriteAttack(WatermarkMixin, RemovalAttack):
         self.scheme: WatermarkScheme | None = None
         if scheme is not None:
             self.set_scheme(scheme)
+
+    @classmethod
+    def search_space(cls) -> dict[str, BaseDistribution]:
+        """Learning rate and epochs of embedding the attacker's own watermark."""
+        from optuna.distributions import FloatDistribution, IntDistribution
+
+        return {"lr": FloatDistribution(1e-4, 1e-1, log=True), "epochs": IntDistribution(1, 10)}
 
     def prepare(self, scheme: WatermarkScheme) -> None:
         """Without a scheme of its own, the attacker embeds the owner's scheme under a fresh key of its own."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from functools import partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
@@ -19,6 +19,9 @@ from lightning_wm.verify.keys import WatermarkKey
 
 PruneScope = Literal["layer", "global"]
 _PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+if TYPE_CHECKING:
+    from optuna.distributions import BaseDistribution
 
 
 class PruneAttack(RemovalAttack):
@@ -58,6 +61,18 @@ class PruneAttack(RemovalAttack):
         self.scope = scope
         self.model = copy_victim(victim)
         self._applied = False
+
+    @classmethod
+    def search_space(cls) -> dict[str, BaseDistribution]:
+        """Pruning rate and scope, then 0 (pruning alone) to 5 epochs of fine-tuning at a tuned learning rate."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        return {
+            "rate": FloatDistribution(0.1, 0.95),
+            "scope": CategoricalDistribution(["layer", "global"]),
+            "epochs": IntDistribution(0, 5),
+            "lr": FloatDistribution(1e-4, 1e-1, log=True),
+        }
 
     def _prunable(self) -> list[tuple[str, nn.Module]]:
         return [(name, m) for name, m in self.model.named_modules() if isinstance(m, _PRUNABLE)]
