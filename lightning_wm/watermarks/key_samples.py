@@ -388,6 +388,22 @@ class NoiseTrigger(KeySampleGenerator):
         return KeySamples(keys, labels, {"noise": noise} if self.secret else {})
 
 
+_FASHION_MNIST: dict[tuple[str, ...], L.LightningDataModule] = {}
+
+
+def _fashion_mnist(data_dir: str) -> L.LightningDataModule:
+    """Fashion-MNIST, set up once per process and place it is looked for: a key (or a re-derivation of one)
+    reads it whole."""
+    from lightning_wm.data import FashionMNISTDataModule
+
+    where = (data_dir, *FashionMNISTDataModule.offline_dirs)
+    if where not in _FASHION_MNIST:
+        datamodule = FashionMNISTDataModule(data_dir=data_dir, download=False)
+        datamodule.setup()
+        _FASHION_MNIST[where] = datamodule
+    return _FASHION_MNIST[where]
+
+
 class UnrelatedTrigger(KeySampleGenerator):
     """Zhang et al.'s unrelated keys: images of another source, resized to the model's input size and channel
     count, labelled with the target class, or by default each with a uniformly random class.
@@ -435,7 +451,7 @@ class UnrelatedTrigger(KeySampleGenerator):
 
     def other_datamodule(self, datamodule: L.LightningDataModule) -> L.LightningDataModule | None:
         """The other dataset's datamodule, or None for the sample photographs; sets :attr:`source_used`."""
-        from lightning_wm.data import DigitsDataModule, FashionMNISTDataModule
+        from lightning_wm.data import DigitsDataModule
 
         source = self.source
         if source == "auto":
@@ -446,9 +462,8 @@ class UnrelatedTrigger(KeySampleGenerator):
         if source == "digits":
             self.source_used = "digits"
             return DigitsDataModule()
-        other = FashionMNISTDataModule(data_dir=self.data_dir, download=False)
         try:
-            other.setup()
+            other = _fashion_mnist(self.data_dir)
         except DatasetNotFoundError as err:
             if self.source == "auto" and self.source_class is None:
                 self.source_used = "sample_photos"
