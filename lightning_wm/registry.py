@@ -27,8 +27,8 @@ Access = Literal["weights", "labels", "probabilities"]
 ThreatModel = Literal["white-box", "black-box", "api-side"]
 """What the attacker holds: the stolen weights, query access to the victim, or the serving API itself."""
 
-Category = Literal["input preprocessing", "model modification", "model extraction", "api-side"]
-"""The SoK's families of removal attacks (Lukas et al., S&P 2022)."""
+Category = Literal["input preprocessing", "model modification", "model extraction", "api-side", "combined"]
+"""The SoK's families of removal attacks (Lukas et al., S&P 2022); ``combined`` for a chain of them."""
 
 SCHEME_GROUP = "lightning_wm.schemes"
 ATTACK_GROUP = "lightning_wm.attacks"

@@ -1,7 +1,9 @@
 """Watermark schemes: each a Callback (plus the model mixin where it changes the loss) with its key."""
 
+from lightning_wm.watermarks.abstract import AbstractTrigger
 from lightning_wm.watermarks.base import WatermarkScheme, resolve_layer
 from lightning_wm.watermarks.csp import CSPKey, CSPWatermark
+from lightning_wm.watermarks.frontier_stitching import FrontierStitchingWatermark, FrontierTrigger
 from lightning_wm.watermarks.key_samples import ContentTrigger, KeySampleGenerator, NoiseTrigger, UnrelatedTrigger
 from lightning_wm.watermarks.new_label import NewLabelTrigger
 from lightning_wm.watermarks.trigger_set import TriggerSetKey, TriggerSetWatermark
@@ -9,9 +11,12 @@ from lightning_wm.watermarks.uchida import UchidaKey, UchidaWatermark
 from lightning_wm.watermarks.usp import USPKey, USPWatermark
 
 __all__ = [
+    "AbstractTrigger",
     "CSPKey",
     "CSPWatermark",
     "ContentTrigger",
+    "FrontierStitchingWatermark",
+    "FrontierTrigger",
     "KeySampleGenerator",
     "NewLabelTrigger",
     "NoiseTrigger",

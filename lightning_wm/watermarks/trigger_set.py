@@ -413,6 +413,13 @@ GENERATORS: dict[str, type[KeySampleGenerator]] = {
 """The generators a key can be rebuilt with (a key file names one; nothing else is ever imported for it)."""
 
 
+def register_generator(cls: type[KeySampleGenerator]) -> type[KeySampleGenerator]:
+    """Add ``cls`` (a generator defined in another module, e.g. Adi et al.'s abstract images) to
+    :data:`GENERATORS`, so that its keys are rebuilt from their secret; usable as a class decorator."""
+    GENERATORS[cls.__name__] = cls
+    return cls
+
+
 def generator_init(generator: KeySampleGenerator) -> dict[str, Any] | None:
     """The generator's constructor arguments, JSON-able, so the key can be rebuilt from its secret; None for a
     generator holding images of the user's own (a ``patch``), or one of a class the key cannot rebuild."""
