@@ -1,0 +1,123 @@
+"""The strongest-attacker search: a trial's parameters map to an attack, a tiny digits search writes its reports
+and respects the budget, its SQLite storage resumes without new trials, and the realistic attacker tunes on a
+proxy key of its own."""
+
+from __future__ import annotations
+
+import csv
+from functools import partial
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.distributions import FloatDistribution
+
+from lightning_wm import ImageClassifier
+from lightning_wm.attacks import DistillationAttack, FineTuneAttack, PruneAttack, RemovalAttack
+from lightning_wm.benchmark import Benchmark
+from lightning_wm.benchmark.search import (
+    AttackSearch,
+    SearchConfig,
+    SearchError,
+    attack_from_params,
+    factory_parts,
+    grid,
+    normalised_statistic,
+    run_search,
+    search_space,
+)
+from lightning_wm.data import DigitsDataModule
+from lightning_wm.models import SmallCNN
+from lightning_wm.watermarks import UchidaWatermark
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_a_trials_parameters_map_to_the_attack_its_optimizer_and_its_epochs():
+    base = {"mode": "FTAL", "optimizer": partial(torch.optim.Adam, lr=1e-3, betas=(0.8, 0.9))}
+    factory, epochs = attack_from_params(FineTuneAttack, {"lr": 0.02, "epochs": 4, "mode": "RTLL"}, base)
+    cls, args = factory_parts(factory)
+    assert (cls, epochs, args["mode"]) == (FineTuneAttack, 4, "RTLL")
+    assert args["optimizer"].func is torch.optim.Adam
+    assert args["optimizer"].keywords == {"lr": 0.02, "betas": (0.8, 0.9)}
+    factory, _ = attack_from_params(FineTuneAttack, {"optimizer": "sgd", "lr": 0.1}, base)
+    assert factory.keywords["optimizer"].func is torch.optim.SGD
+    assert factory.keywords["optimizer"].keywords == {"momentum": 0.9, "lr": 0.1}
+    factory, epochs = attack_from_params(PruneAttack, {"rate": 0.7, "scope": "layer"}, {"rate": 0.5})
+    assert epochs is None
+    assert factory.keywords == {"rate": 0.7, "scope": "layer"}
+    assert set(DistillationAttack.search_space()) == {"temperature", "epochs", "lr", "output"}
+    assert RemovalAttack.search_space() == {}
+    space = search_space(PruneAttack, {"rate": {"type": "float", "low": 0.5, "high": 0.9}, "lr": None})
+    assert space["rate"] == FloatDistribution(0.5, 0.9)
+    assert "lr" not in space
+    assert grid({"rate": space["rate"]}, 3) == {"rate": [0.5, 0.7, 0.9]}
+    with pytest.raises(SearchError, match="type"):
+        search_space(PruneAttack, {"rate": {"type": "gauss"}})
+    with pytest.raises(SearchError, match="unknown"):
+        SearchConfig.from_dict({"trails": 3})
+
+
+def test_the_normalised_statistic_puts_the_decision_threshold_at_one_half():
+    assert normalised_statistic(0.3, 0.3) == 0.5
+    assert normalised_statistic(0.0, 0.3) == 0.0
+    assert normalised_statistic(0.4, 0.4, higher_is_watermarked=False) == 0.5
+    assert normalised_statistic(0.0, 0.4, higher_is_watermarked=False) == 1.0
+    assert normalised_statistic(5.0, 0.0, log10_p=-2.0, alpha=0.01) == 0.5
+
+
+def _benchmark(output_dir: Path) -> Benchmark:
+    model = ImageClassifier(SmallCNN(width=8), num_classes=10, optimizer=partial(torch.optim.Adam, lr=3e-3))
+    return Benchmark(
+        model,
+        DigitsDataModule(batch_size=64),
+        schemes={"uchida": UchidaWatermark(layer="conv3", bits=32, strength=0.05, seed=1)},
+        attacks={"prune": partial(PruneAttack, rate=0.5, scope="global")},
+        embed_epochs=4,
+        attack_epochs={"prune": 0},
+        null_models=1,
+        output_dir=output_dir,
+        progress=False,
+    )
+
+
+SPACE = {"prune": {"epochs": {"type": "int", "low": 0, "high": 1}, "lr": {"type": "float", "low": 1e-3, "high": 1e-2}}}
+
+
+def test_a_two_trial_search_writes_its_reports_keeps_the_budget_and_resumes(tmp_path):
+    bench = _benchmark(tmp_path)
+    config = {"trials": 2, "oracle": [True, False], "accuracy_budget": 5.0, "spaces": SPACE, "startup_trials": 1}
+    rows, paths = run_search(bench, config)
+    assert {p.name for p in paths.values()} >= {"strongest.md", "strongest.csv", "search.csv", "pareto_uchida.png"}
+    assert paths["pareto_uchida"].stat().st_size > 0
+    assert "| uchida | prune |" in paths["strongest_md"].read_text()
+    by_mode = {row["mode"]: row for row in rows}
+    oracle, proxy = by_mode["oracle"], by_mode["proxy"]
+    assert len(oracle["trials"]) == len(proxy["trials"]) == 2
+    feasible = [t for t in oracle["trials"] if t["acc_drop"] <= 5.0]
+    if feasible:
+        assert oracle["acc_drop"] <= 5.0
+        assert oracle["normalised"] == min(t["normalised"] for t in feasible)
+    assert proxy["tuned_key"] != proxy["owner_key"] == oracle["owner_key"] == oracle["tuned_key"]
+    assert {t["key_fingerprint"] for t in proxy["trials"]} == {proxy["tuned_key"]}
+    assert proxy["key_fingerprint"] == proxy["owner_key"]
+    with open(paths["strongest_csv"]) as f:
+        assert {r["mode"] for r in csv.DictReader(f)} == {"oracle", "proxy"}
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'search.db'}")
+    names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
+    assert names == ["uchida__prune__oracle", "uchida__prune__proxy"]
+    again, _ = run_search(_benchmark(tmp_path), config)
+    for name in names:
+        assert len(optuna.load_study(study_name=name, storage=storage).trials) == 2
+    assert [r["params"] for r in again] == [r["params"] for r in rows]
+
+
+def test_the_realistic_attacker_marks_its_proxy_with_a_key_of_its_own(tmp_path):
+    search = AttackSearch(_benchmark(tmp_path), {"trials": 1, "spaces": SPACE})
+    owner, proxy = search.owner("uchida"), search.proxy("uchida")
+    assert proxy.key.fingerprint() != owner.key.fingerprint()
+    assert proxy.embed_cell != owner.embed_cell
+    assert proxy.scheme.seed != owner.scheme.seed
+    assert proxy.bench.datamodule.train_split == "attacker"
