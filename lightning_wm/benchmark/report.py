@@ -11,6 +11,7 @@ from typing import Any
 COLUMNS = (
     "scheme",
     "attack",
+    "category",
     "status",
     "baseline_acc",
     "acc_before",
