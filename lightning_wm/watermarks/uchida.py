@@ -151,6 +151,7 @@ class UchidaWatermark(WatermarkScheme):
         self.message = message
         self._projection: Tensor | None = None
         self._target: Tensor | None = None
+        self._layer: nn.Module | None = None
 
     def make_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> UchidaKey:
         weight = resolve_layer(pl_module, self.layer).weight
@@ -176,7 +177,8 @@ class UchidaWatermark(WatermarkScheme):
         return UchidaKey(config, {"projection": projection, "message": message})
 
     def on_key_ready(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        weight = resolve_layer(pl_module, self.key.config["layer"]).weight
+        self._layer = resolve_layer(pl_module, self.key.config["layer"])
+        weight = self._layer.weight
         if list(weight.shape) != list(self.key.config["weight_shape"]):
             raise ValueError(
                 f"the key reads a layer of shape {self.key.config['weight_shape']}, "
@@ -185,15 +187,22 @@ class UchidaWatermark(WatermarkScheme):
         self._projection = self.key.tensors["projection"].float()
         self._target = self.key.tensors["message"].float()
 
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._layer = None
+
     def training_loss(self, pl_module: L.LightningModule, batch: Any, output: Any) -> Tensor:
-        weight = resolve_layer(pl_module, self.key.config["layer"]).weight
+        if self._layer is None:
+            self._layer = resolve_layer(pl_module, self.key.config["layer"])
+        weight = self._layer.weight
         if self._projection is None or self._projection.device != weight.device:
             self._projection = self.key.tensors["projection"].float().to(weight.device)
             self._target = self.key.tensors["message"].float().to(weight.device)
         with torch.autocast(weight.device.type, enabled=False):
             logits = self._projection @ filter_mean(weight)
             loss = F.binary_cross_entropy_with_logits(logits, self._target, reduction="sum")
-        ber = ((logits >= 0).float() != self._target).float().mean()
+        with torch.no_grad():
+            ber = ((logits >= 0).float() != self._target).float().mean()
         pl_module.log(f"wm/{self.name}/ber", ber, on_step=True, on_epoch=False, prog_bar=True)
         return self.strength * loss
 
