@@ -20,15 +20,15 @@ AttackFactory = Callable[[nn.Module], RemovalAttack]
 class ChainAttack(RemovalAttack):
     """Apply attacks in order: the first gets the victim, each next one the previous attack as its victim.
 
-    Only the last part trains. The parts are built in ``__init__``, and each part but the last is settled there at
-    once (its ``setup("test")``: pruning prunes, a transform is ready), untrained, before the next part copies or
-    wraps it: an attack copies its victim when it is built, so an earlier part could not be trained later (and a
-    LightningModule cannot run ``trainer.fit`` of its own). ``trainer.fit(chain, datamodule)`` then trains the last
-    part (every Lightning hook of the chain is the last part's), and ``chain(x)`` is the last part's answer. So
-    fine-pruning then smoothing is ``[prune, smoothing]`` with the fine-tuning epochs of ``prune`` given to a
-    first, separate run whose checkpoint is the chain's victim, or ``[prune (rate, no epochs), fine_tune]`` and
-    a smoothing chain on its result. A part that modifies weights after one that serves an API is refused: there
-    are no weights to modify behind an API (put model modifications first).
+    Only the last part trains. Each part is built in ``__init__`` from the previous one, and each part but the
+    last is settled at once, untrained (its ``setup("test")``: pruning prunes, a transform is ready): an attack
+    copies or wraps its victim when it is built, so an earlier part could not be trained afterwards, and a
+    LightningModule cannot run a ``trainer.fit`` of its own. ``trainer.fit(chain, datamodule)`` trains the last
+    part: every Lightning hook of the chain is the last part's, and ``chain(x)`` is its answer. So fine-pruning
+    is ``[prune, fine_tune]`` (the fine-tuning trains the pruned copy); a part that needs training before another
+    one is trained in a run of its own, and its result (an attack is a valid victim) is the chain's victim. A
+    weight modification after a part that serves an API is refused: an API hands over no weights to modify (put
+    the model modifications first).
 
     The cost (``epochs``, ``queries``, ``wall_time``) is the sum of the parts'; ``exposes_weights`` is the last
     part's, so a white-box key reads a chain ending in a model modification and raises

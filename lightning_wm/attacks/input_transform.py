@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ from lightning_wm.models.hidden import HiddenModule
 from lightning_wm.registry import AttackSpec
 
 SmoothingKind = Literal["mean", "median", "gaussian"]
+
+if TYPE_CHECKING:
+    from optuna.distributions import BaseDistribution
 
 # ---------------------------------------------------------------------------------------------------------------
 # Pure transforms of images in [0, 1]
@@ -217,6 +220,13 @@ class JpegAttack(InputTransformAttack):
     """JPEG compression of every query at ``quality`` (1-100; lower removes more). See
     :class:`InputTransformAttack` for ``victim``, ``mean`` and ``std``."""
 
+    @classmethod
+    def search_space(cls) -> dict[str, BaseDistribution]:
+        """The JPEG quality: lower washes out more of a trigger and costs more accuracy."""
+        from optuna.distributions import IntDistribution
+
+        return {"quality": IntDistribution(5, 95)}
+
     def __init__(
         self,
         victim: Victim,
@@ -236,6 +246,13 @@ class JpegAttack(InputTransformAttack):
 class QuantizationAttack(InputTransformAttack):
     """Input quantization: every query's pixels rounded to ``2**bits`` levels. See :class:`InputTransformAttack`
     for ``victim``, ``mean`` and ``std``."""
+
+    @classmethod
+    def search_space(cls) -> dict[str, BaseDistribution]:
+        """The bit depth: fewer bits wash out more and cost more."""
+        from optuna.distributions import IntDistribution
+
+        return {"bits": IntDistribution(1, 8)}
 
     def __init__(
         self,
@@ -265,6 +282,13 @@ class SmoothingAttack(InputTransformAttack):
         sigma: standard deviation of the Gaussian filter, in pixels.
     """
 
+    @classmethod
+    def search_space(cls) -> dict[str, BaseDistribution]:
+        """The filter and the Gaussian's σ (the mean and median filters at their 3 × 3 default)."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+        return {"kind": CategoricalDistribution(["mean", "median", "gaussian"]), "sigma": FloatDistribution(0.3, 2.0)}
+
     def __init__(
         self, victim: Victim, kind: SmoothingKind = "gaussian", kernel_size: int | None = None, sigma: float = 1.0
     ) -> None:
@@ -289,6 +313,13 @@ class SmoothingAttack(InputTransformAttack):
 class InputNoiseAttack(InputTransformAttack):
     """Gaussian noise of ``sigma`` (pixel units, clipped to ``[0, 1]``) added to every query, freshly drawn for
     each. See :class:`InputTransformAttack` for ``victim``, ``mean`` and ``std``."""
+
+    @classmethod
+    def search_space(cls) -> dict[str, BaseDistribution]:
+        """The noise's standard deviation in pixel units."""
+        from optuna.distributions import FloatDistribution
+
+        return {"sigma": FloatDistribution(0.01, 0.5, log=True)}
 
     def __init__(
         self,
@@ -317,6 +348,13 @@ class FeatureSqueezingAttack(InputTransformAttack):
     """Feature squeezing (Xu et al., NDSS 2018) as a preprocessing defence turned removal attack: bit-depth
     reduction to ``bits`` then a ``kernel_size`` median filter (their MNIST setting: 1 bit, 2 × 2). See
     :class:`InputTransformAttack` for ``victim``, ``mean`` and ``std``."""
+
+    @classmethod
+    def search_space(cls) -> dict[str, BaseDistribution]:
+        """The bit depth and the median filter's side (1: none)."""
+        from optuna.distributions import IntDistribution
+
+        return {"bits": IntDistribution(1, 8), "kernel_size": IntDistribution(1, 3)}
 
     def __init__(
         self,
@@ -347,6 +385,13 @@ class OcclusionAttack(InputTransformAttack):
         size: side of the patch as a share of the image side, in (0, 1].
     """
 
+    @classmethod
+    def search_space(cls) -> dict[str, BaseDistribution]:
+        """The patch side, as a share of the image side."""
+        from optuna.distributions import FloatDistribution
+
+        return {"size": FloatDistribution(0.1, 0.6)}
+
     def __init__(self, victim: Victim, size: float = 0.25) -> None:
         if not 0.0 < size <= 1.0:
             raise ValueError(f"size must be in (0, 1], got {size}")
@@ -371,6 +416,17 @@ class AutoencoderAttack(InputTransformAttack):
         optimizer: optimizer factory of the autoencoder.
         lr_scheduler: optional scheduler factory.
     """
+
+    @classmethod
+    def search_space(cls) -> dict[str, BaseDistribution]:
+        """The code's channels, the training epochs and the learning rate of the autoencoder."""
+        from optuna.distributions import FloatDistribution, IntDistribution
+
+        return {
+            "code": IntDistribution(4, 32, log=True),
+            "epochs": IntDistribution(1, 30),
+            "lr": FloatDistribution(1e-4, 1e-2, log=True),
+        }
 
     def __init__(
         self,
