@@ -8,6 +8,8 @@ import hashlib
 import inspect
 import json
 import math
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +95,7 @@ class CellCache:
     def save_row(self, cell: str, row: dict[str, Any]) -> None:
         path = self.row_path(cell)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = _partial(path)
         tmp.write_text(json.dumps(row, indent=1, default=str))
         tmp.replace(path)
 
@@ -109,6 +111,12 @@ class CellCache:
     def save_model(self, cell: str, model: nn.Module) -> None:
         path = self.model_path(cell)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = _partial(path)
         torch.save(model.state_dict(), tmp)
         tmp.replace(path)
+
+
+def _partial(path: Path) -> Path:
+    """A file name of this writer's own beside ``path``: written, then renamed over ``path`` (atomic on POSIX), so
+    that concurrent writers (Ray workers, two benchmarks on one folder) never leave a torn file."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.partial")

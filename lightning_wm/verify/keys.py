@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import uuid
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -87,7 +89,9 @@ class WatermarkKey:
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = _payload_bytes(self)
         digest = hashlib.sha256(payload).hexdigest()
-        path.write_bytes(b"%s %d %s\n" % (_MAGIC, KEY_FORMAT_VERSION, digest.encode()) + payload)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.partial")
+        partial.write_bytes(b"%s %d %s\n" % (_MAGIC, KEY_FORMAT_VERSION, digest.encode()) + payload)
+        partial.replace(path)
         return path
 
     def __repr__(self) -> str:
