@@ -125,7 +125,12 @@ def test_frontier_null_keys_are_never_embedded(dm: DigitsDataModule) -> None:
     assert _rows_in(injected, owner).all()
     assert not _rows_in(injected, null).any()
     assert torch.equal(key.tensors["verify_inputs"], owner)
-    assert key.config["null_test"] == "fisher"
+    assert key.scheme == "frontier_stitching"
+    assert key.config["null_test"] == "fisher stratified by kind"
+    for kind in (True, False):  # a random half of each kind of frontier sample is the owner's
+        owner_kind = int((key.tensors["embed_true_adversary"] == kind).sum())
+        null_kind = int((key.tensors["null_true_adversary"] == kind).sum())
+        assert abs(owner_kind - null_kind) <= 1, (kind, owner_kind, null_kind)
     assert key.check_derivation(dm) is False, "frontier samples depend on the model's gradients: not checkable"
     true = key.config["true_adversaries"]
     assert 0 < true["embed"] + true["null"] < 40, "both true and false adversaries"

@@ -3,7 +3,11 @@
 from lightning_wm.watermarks.abstract import AbstractTrigger
 from lightning_wm.watermarks.base import WatermarkScheme, resolve_layer
 from lightning_wm.watermarks.csp import CSPKey, CSPWatermark
-from lightning_wm.watermarks.frontier_stitching import FrontierStitchingWatermark, FrontierTrigger
+from lightning_wm.watermarks.frontier_stitching import (
+    FrontierStitchingKey,
+    FrontierStitchingWatermark,
+    FrontierTrigger,
+)
 from lightning_wm.watermarks.key_samples import ContentTrigger, KeySampleGenerator, NoiseTrigger, UnrelatedTrigger
 from lightning_wm.watermarks.new_label import NewLabelTrigger
 from lightning_wm.watermarks.trigger_set import TriggerSetKey, TriggerSetWatermark
@@ -15,6 +19,7 @@ __all__ = [
     "CSPKey",
     "CSPWatermark",
     "ContentTrigger",
+    "FrontierStitchingKey",
     "FrontierStitchingWatermark",
     "FrontierTrigger",
     "KeySampleGenerator",

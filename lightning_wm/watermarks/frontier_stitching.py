@@ -10,27 +10,38 @@ share of key samples answered with their key label.
 The paper declares a suspect when the mismatches stay under a threshold derived from a binomial at 1/2. That null
 does not hold for every suspect: the key labels are the true labels of inputs close to task images, so a clean
 model agrees with many of them (all the false adversaries, some of the true ones), and a binomial at 1/K is no
-better. Here the key also holds as many *null* frontier samples, made the same way (same model, same ``epsilon``,
-other source images) and never trained on: the whole frontier set is generated first, and the owner's keys are a
-uniformly random half of it (drawn from the key's secret). For a suspect that never saw which half was trained on,
-owner and null samples are then exchangeable, and the one-sided Fisher exact test of its agreement on the owner's
-keys against its agreement on the null keys is exact. It is exact under that exchangeability only, and the key is
-not derivable from its secret alone (it depends on the model's gradients at key time): its verdicts say that the
-key is not checkable, and prove less than a derived key's.
+better. Here the key also holds
+as many *null* frontier samples, made the same way (same model, same ``epsilon``, other source images) and never
+trained on: the whole frontier set is generated first, and within each kind (true and false adversaries, whose
+agreement with a clean model differs widely) a uniformly random half, drawn from the key's secret, become the
+owner's keys. For a suspect that never saw which half was trained on, owner and null samples of one kind are then
+exchangeable, and the one-sided exact test of its agreement on the owner's keys against its agreement on the null
+keys, stratified by kind (the owner's hits are a sum of independent hypergeometric counts, one per kind, given
+each kind's total hits: a Fisher exact test per stratum, combined exactly) is exact. Stratifying matters: a
+split that happens to give the owner more false adversaries would otherwise make every clean model agree more
+with the owner's keys. The test is exact under that exchangeability only, and the key is not derivable from its
+secret alone (it depends on the model's gradients at key time): its verdicts say that the key is not checkable,
+and prove less than a derived key's.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from scipy import special, stats
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from lightning_wm.models.reinit import clone_module
 from lightning_wm.registry import SchemeSpec
 from lightning_wm.side_training import CleanModel, quiet_trainer
+from lightning_wm.verify.blackbox import Suspect, degenerate_reason, query_labels
+from lightning_wm.verify.stats import two_sample_queries_to_significance
+from lightning_wm.verify.verdict import Verdict
 from lightning_wm.watermarks.key_samples import KeySampleGenerator, KeySamples, training_tensors
 from lightning_wm.watermarks.trigger_set import TriggerSetKey, TriggerSetWatermark, _task_classes, probe_set
 
@@ -105,7 +116,8 @@ class FrontierTrigger(KeySampleGenerator):
         if num_true + num_false < count:
             raise ValueError(
                 f"FrontierTrigger needs {count} frontier samples, the model gives {len(true_y)} true and "
-                f"{len(false_y)} false adversaries at epsilon {self.epsilon}; lower num_keys"
+                f"{len(false_y)} false adversaries at epsilon {self.epsilon} (from correctly classified images): "
+                "lower num_keys, or make the key from a trained model (warmup_epochs, or ImageClassifier's pretrained)"
             )
         images = torch.cat([true_x[:num_true], false_x[:num_false]])
         targets = torch.cat([true_y[:num_true], false_y[:num_false]])
@@ -123,6 +135,137 @@ class FrontierTrigger(KeySampleGenerator):
         return adversaries, moved != y, logits.argmax(-1) == y
 
 
+def stratified_fisher_log10_p_value(strata: list[tuple[int, int, int, int]]) -> float:
+    """log10 of the one-sided exact test that sample a's hits exceed sample b's, stratified: ``strata`` holds
+    ``(hits_a, trials_a, hits_b, trials_b)`` per stratum.
+
+    ``P[X >= Σ hits_a]`` for ``X = Σ_s X_s``, ``X_s ~ Hypergeometric(trials_a + trials_b, hits_a + hits_b,
+    trials_a)`` independent: given each stratum's total hits, the chance that sample a holds at least as many of
+    them. Exact whenever, within each stratum, which trials are a's is a uniformly random choice the suspect does
+    not depend on (with one stratum it is :func:`~lightning_wm.verify.stats.fisher_exact_log10_p_value`).
+    """
+    log_pmf, observed = _stratified_log_pmf(strata)
+    return min(0.0, float(special.logsumexp(log_pmf[observed:])) / math.log(10.0)) if observed < len(log_pmf) else 0.0
+
+
+def stratified_fisher_threshold(strata: list[tuple[int, int, int, int]], alpha: float) -> int:
+    """Fewest total hits in sample a whose stratified p-value is below ``alpha``, each stratum's total hits held
+    at the observed ones (``Σ trials_a + 1``: none suffices)."""
+    log_pmf, _ = _stratified_log_pmf(strata)
+    tails = [float(special.logsumexp(log_pmf[t:])) / math.log(10.0) for t in range(len(log_pmf))]
+    return next((t for t, tail in enumerate(tails) if tail < math.log10(alpha)), sum(s[1] for s in strata) + 1)
+
+
+def _stratified_log_pmf(strata: list[tuple[int, int, int, int]]) -> tuple[Tensor, int]:
+    log_pmf = torch.zeros(1, dtype=torch.float64)
+    observed = 0
+    for hits_a, trials_a, hits_b, trials_b in strata:
+        if not (0 <= hits_a <= trials_a and 0 <= hits_b <= trials_b):
+            raise ValueError(f"hits ({hits_a}, {hits_b}) must lie within the trials ({trials_a}, {trials_b})")
+        observed += hits_a
+        if trials_a == 0:
+            continue
+        support = range(trials_a + 1)
+        pmf = torch.as_tensor(
+            stats.hypergeom.logpmf(support, trials_a + trials_b, hits_a + hits_b, trials_a), dtype=torch.float64
+        )
+        combined = torch.full((len(log_pmf) + trials_a,), -math.inf, dtype=torch.float64)
+        for k in range(trials_a + 1):
+            combined[k : k + len(log_pmf)] = torch.logaddexp(combined[k : k + len(log_pmf)], log_pmf + pmf[k])
+        log_pmf = combined
+    return log_pmf, observed
+
+
+class FrontierStitchingKey(TriggerSetKey):
+    """The owner's frontier samples (``embed_*``, also ``verify_*``) and as many null frontier samples
+    (``null_*``) with their true labels, whether each is a true adversary (``*_true_adversary``), and clean probes.
+
+    Verification: the suspect's top-1 agreement with the key labels on the owner's samples against the null
+    samples, by the exact test stratified by kind (:func:`stratified_fisher_log10_p_value`), exact when owner and
+    null samples of a kind are exchangeable for the suspect (a random half of the frontier set, which an innocent
+    suspect cannot know). Not derivable from its secret: :meth:`derivation_problems` gives None.
+    """
+
+    scheme = "frontier_stitching"
+
+    def derivation_problems(self, datamodule: Any = None) -> list[str] | None:
+        """None: the frontier samples follow the model's gradients at key time, not the secret alone."""
+        return None
+
+    def strata(self, suspect: Suspect) -> tuple[list[tuple[int, int, int, int]], int]:
+        """``(owner hits, owner keys, null hits, null keys)`` for true and for false adversaries, and the queries."""
+        answers, queries = {}, 0
+        for split in ("verify", "null"):
+            predicted, spent = query_labels(suspect, self.tensors[f"{split}_inputs"])
+            answers[split] = predicted.cpu() == self.tensors[f"{split}_labels"]
+            queries += spent
+        rows = []
+        for kind in (True, False):
+            owner = self.tensors["embed_true_adversary"] == kind
+            null = self.tensors["null_true_adversary"] == kind
+            rows.append(
+                (
+                    int(answers["verify"][owner].sum()),
+                    int(owner.sum()),
+                    int(answers["null"][null].sum()),
+                    int(null.sum()),
+                )
+            )
+        return rows, queries
+
+    def verify(self, suspect: Suspect, alpha: float = 0.01) -> Verdict:
+        """Query the suspect (top-1 labels) on the owner's and the null frontier samples and the probes.
+
+        Args:
+            suspect: an ``nn.Module`` returning logits, or a callable returning probabilities or labels.
+            alpha: significance level.
+        """
+        rows, queries = self.strata(suspect)
+        hits, total = sum(r[0] for r in rows), sum(r[1] for r in rows)
+        null_hits, null_total = sum(r[2] for r in rows), sum(r[3] for r in rows)
+        accuracy, null_rate = hits / total, null_hits / null_total
+        details: dict[str, Any] = {
+            "hits": hits,
+            "keys": total,
+            "null_hits": null_hits,
+            "null_keys": null_total,
+            "null_rate": null_rate,
+            "strata": {
+                kind: list(row) for kind, row in zip(("true_adversaries", "false_adversaries"), rows, strict=True)
+            },
+            "label_kind": self.config["label_kind"],
+            "generator": self.config["generator"],
+            "epsilon": self.config["epsilon"],
+            "verified_on": self.config.get("verified_on"),
+            "queries_to_significance": two_sample_queries_to_significance(accuracy, null_rate, 1e-6),
+        }
+        undecidable = None
+        if "probe_inputs" in self.tensors:
+            predicted, probe_queries = query_labels(suspect, self.tensors["probe_inputs"])
+            queries += probe_queries
+            probe_labels = self.tensors["probe_labels"]
+            details["probe_accuracy"] = float((predicted.cpu() == probe_labels).float().mean())
+            undecidable = degenerate_reason(predicted, probe_labels, int(self.config["num_classes"]))
+        null = (
+            f"the owner's {total} frontier samples are a random half of each kind (true / false adversaries) of a "
+            f"frontier set whose other half ({null_total}) was never embedded: exchangeable for a suspect that never "
+            "saw which half was trained on (one-sided exact test stratified by kind; the key is not derivable from "
+            "its secret)"
+        )
+        return Verdict.decide(
+            scheme=self.scheme,
+            statistic=accuracy,
+            statistic_name="key_accuracy",
+            log10_p=stratified_fisher_log10_p_value(rows),
+            alpha=alpha,
+            threshold=stratified_fisher_threshold(rows, alpha) / total,
+            undecidable=undecidable,
+            queries=queries,
+            null=null,
+            details=details,
+        )
+
+
 class FrontierStitchingWatermark(TriggerSetWatermark):
     """Embed Le Merrer et al.'s frontier stitching: FGSM frontier samples of the model, with their true labels,
     injected into the training batches as :class:`~lightning_wm.watermarks.TriggerSetWatermark` injects keys.
@@ -130,14 +273,16 @@ class FrontierStitchingWatermark(TriggerSetWatermark):
     The key is made when ``fit`` starts, from the model as it is then: the paper's setting is fine-tuning a model
     already trained on the task (give it with ``ImageClassifier(pretrained=...)``, as
     ``configs/digits/frontier_stitching.yaml`` does). When embedding from scratch, ``warmup_epochs`` first trains
-    the model in place on the owner's training data (cross-entropy and Adam at 2e-3 by side training's
-    :class:`~lightning_wm.side_training.CleanModel` on a CPU Trainer, before the fit's own epochs; under DDP
-    rank 0 warms up and DDP broadcasts its weights) so that the frontier is a trained model's. ``2 · num_keys``
-    frontier samples are made (``true_fraction`` of them true adversaries), and a uniformly random half, drawn from
-    the key's secret, become the owner's keys; the other half are null keys, never injected. Verification: the
-    one-sided Fisher exact test of the suspect's agreement with the true labels on the owner's keys against its
-    agreement on the null keys (see the module docstring for when it is exact); clean probes make degenerate
-    suspects undecidable. The key is not derivable from its secret (``derivation_problems`` gives None).
+    the model in place on the owner's training data, so that the frontier is a trained model's: cross-entropy and
+    Adam at 2e-3 (side training's :class:`~lightning_wm.side_training.CleanModel`) on a CPU Trainer at the fit's
+    effective batch size, before the fit's own epochs (under DDP rank 0 warms up and DDP broadcasts its weights).
+
+    ``2 · num_keys`` frontier samples are made (``true_fraction`` of them true adversaries), and a uniformly random
+    half of each kind, drawn from the key's secret, become the owner's keys; the other half are null keys, never
+    injected. Verification (:class:`FrontierStitchingKey`): the exact test, stratified by kind, of the suspect's
+    agreement with the true labels on the owner's keys against its agreement on the null keys (see the module
+    docstring for when it is exact); clean probes make degenerate suspects undecidable. The key is not derivable
+    from its secret (``derivation_problems`` gives None).
 
     Args:
         epsilon, true_fraction: see :class:`FrontierTrigger`.
@@ -146,6 +291,8 @@ class FrontierStitchingWatermark(TriggerSetWatermark):
         keys_per_batch, key_ratio, num_probes, key_path, seed, alpha, name: see
             :class:`~lightning_wm.watermarks.TriggerSetWatermark`.
     """
+
+    key_scheme = "frontier_stitching"
 
     def __init__(
         self,
@@ -176,19 +323,20 @@ class FrontierStitchingWatermark(TriggerSetWatermark):
         )
         self.warmup_epochs = warmup_epochs
 
-    def make_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> TriggerSetKey:
+    def make_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> FrontierStitchingKey:
         datamodule = self.split_datamodule(trainer, "frontier samples are made from its training images")
         if getattr(datamodule, "train_dataset", None) is None:
             datamodule.setup("fit")
         num_classes = _task_classes(pl_module, datamodule)
         rng = self.key_rng()
         if self.warmup_epochs:
-            self._warm_up(pl_module, datamodule, int(torch.randint(0, 2**62, (1,), generator=rng)))
+            batch_size = int(getattr(datamodule, "batch_size", 64)) * trainer.world_size
+            self._warm_up(pl_module, datamodule, batch_size, int(torch.randint(0, 2**62, (1,), generator=rng)))
         generator: FrontierTrigger = self.generator  # type: ignore[assignment]
         samples, is_true = generator.frontier(pl_module, datamodule, 2 * self.num_keys, rng)
         inputs, _ = training_tensors(datamodule)
         keys = datamodule.normalize(samples.images.float()).to(inputs.dtype)
-        owner, null = torch.randperm(len(keys), generator=rng).split(self.num_keys)
+        owner, null = _stratified_halves(is_true, rng)
         outputs = generator.num_outputs(num_classes)
         config = {
             **generator.config(),
@@ -200,7 +348,7 @@ class FrontierStitchingWatermark(TriggerSetWatermark):
             "chance": 1.0 / num_classes,
             "input_shape": list(inputs.shape[1:]),
             "verified_on": "embedded keys",
-            "null_test": "fisher",
+            "null_test": "fisher stratified by kind",
             "generator_init": None,
             "true_adversaries": {"embed": int(is_true[owner].sum()), "null": int(is_true[null].sum())},
             "warmup_epochs": self.warmup_epochs,
@@ -213,19 +361,36 @@ class FrontierStitchingWatermark(TriggerSetWatermark):
             "verify_labels": samples.labels[owner],
             "null_inputs": keys[null],
             "null_labels": samples.labels[null],
+            "embed_true_adversary": is_true[owner],
+            "null_true_adversary": is_true[null],
         }
         if self.num_probes:
             tensors["probe_inputs"], tensors["probe_labels"] = probe_set(datamodule, self.num_probes, rng)
-        return TriggerSetKey(config, tensors)
+        return FrontierStitchingKey(config, tensors)
 
-    def _warm_up(self, pl_module: L.LightningModule, datamodule: Any, seed: int) -> None:
+    def _warm_up(self, pl_module: L.LightningModule, datamodule: Any, batch_size: int, seed: int) -> None:
         copy = CleanModel(clone_module(pl_module))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            quiet_trainer(max_epochs=self.warmup_epochs, limit_val_batches=0).fit(
-                copy, train_dataloaders=datamodule.train_dataloader()
-            )
+            loader = DataLoader(datamodule.train_dataset, batch_size=batch_size, shuffle=True)
+            quiet_trainer(max_epochs=self.warmup_epochs, limit_val_batches=0).fit(copy, train_dataloaders=loader)
         pl_module.load_state_dict(copy.backbone.state_dict())
+
+
+def _stratified_halves(is_true: Tensor, rng: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Owner and null indices: a uniformly random half of the true and of the false adversaries each; an odd
+    count's extra sample goes to the owner in one kind and to the null keys in the other (both are odd together,
+    the set being even), which kind chosen at random, so that both halves have the same size."""
+    kinds = [is_true.nonzero().flatten(), (~is_true).nonzero().flatten()]
+    owner_first = bool(torch.randint(0, 2, (1,), generator=rng))
+    owner, null = [], []
+    for i, members in enumerate(kinds):
+        members = members[torch.randperm(len(members), generator=rng)]
+        extra = len(members) % 2 and (i == 0) == owner_first
+        cut = len(members) // 2 + int(extra)
+        owner.append(members[:cut])
+        null.append(members[cut:])
+    return torch.cat(owner), torch.cat(null)
 
 
 def _example(seed: int | None = None, key_path: str | None = None) -> FrontierStitchingWatermark:
@@ -237,7 +402,7 @@ def _example(seed: int | None = None, key_path: str | None = None) -> FrontierSt
 SCHEME = SchemeSpec(
     name="frontier_stitching",
     callback=FrontierStitchingWatermark,
-    key=TriggerSetKey,
+    key=FrontierStitchingKey,
     higher_is_watermarked=True,
     access="labels",
     example=_example,
