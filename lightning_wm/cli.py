@@ -115,6 +115,10 @@ class WatermarkTrainer(L.Trainer):
         overhead_repeats: int = 5,
         rerun: list[str] | None = None,
         verbose: bool = False,
+        search: dict | None = None,
+        workers: int = 1,
+        ray_address: str | None = None,
+        gpus_per_cell: float = 0.0,
     ) -> list[dict[str, Any]]:
         """Run the scheme × attack matrix (embed, attack, verify) or, with --overhead, the throughput comparison.
 
@@ -137,6 +141,14 @@ class WatermarkTrainer(L.Trainer):
             overhead_repeats: round-robin repeats of the overhead runs.
             rerun: schemes whose cells are recomputed even when cached (after a change of their code).
             verbose: show Lightning's messages for every Trainer the benchmark builds.
+            workers: run the cells as Ray tasks on a local Ray instance with this many CPUs (needs
+                ``pip install -e ".[ray]"``); 1 runs them one after another in this process.
+            ray_address: run the cells on an existing Ray cluster instead (``auto`` or ``ray://host:10001``).
+            gpus_per_cell: GPUs each Ray task asks for (0 on a CPU machine).
+            search: after the matrix, search each attack's strongest setting within the accuracy budget (Optuna;
+                ``trials``, ``sampler``, ``oracle``, ``accuracy_budget``, ``seed``, ``spaces``...: see
+                :class:`~lightning_wm.benchmark.search.SearchConfig`; ``--search='{}'`` for the defaults); writes
+                ``strongest.md``/``.csv``, ``search.csv`` and a Pareto plot per scheme beside ``results.csv``.
         """
         from lightning_wm.benchmark import Benchmark, measure_overhead, overhead_table
         from lightning_wm.benchmark.report import markdown_table, write_reports
@@ -176,7 +188,12 @@ class WatermarkTrainer(L.Trainer):
             verbose=verbose,
             wandb_settings=_wandb_settings(self.logger, output_dir),
         )
-        rows = bench.run()
+        if workers > 1 or ray_address:
+            from lightning_wm.benchmark.parallel import run_on_ray
+
+            rows = run_on_ray(bench, workers, ray_address, gpus_per_cell)
+        else:
+            rows = bench.run()
         summary = {
             "schemes": sorted(schemes),
             "attacks": sorted(attacks or {}),
@@ -186,6 +203,14 @@ class WatermarkTrainer(L.Trainer):
             "accuracy_budget": accuracy_budget,
         }
         paths = write_reports(rows, output_dir, logger=self.logger, summary=summary)
+        search_table = None
+        if search is not None:
+            from lightning_wm.benchmark.pareto import strongest_table
+            from lightning_wm.benchmark.search import run_search
+
+            search_rows, search_paths = run_search(bench, search, logger=self.logger)
+            search_table = strongest_table(search_rows)
+            paths = {**paths, **search_paths}
         if self.logger is not None:
             self.logger.finalize("success")
             experiment = getattr(self.logger, "experiment", None)
@@ -193,6 +218,9 @@ class WatermarkTrainer(L.Trainer):
                 experiment.finish()
         if self.is_global_zero:
             print(markdown_table(rows))
+            if search_table is not None:
+                print("\nstrongest attack within the accuracy budget (search):")
+                print(search_table)
             print(f"written: {', '.join(str(p) for p in paths.values())}")
         return rows
 
