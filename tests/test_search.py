@@ -5,12 +5,14 @@ proxy key of its own."""
 from __future__ import annotations
 
 import csv
+import sys
 from functools import partial
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
+import yaml
 from optuna.distributions import FloatDistribution
 
 from lightning_wm import ImageClassifier
@@ -27,6 +29,7 @@ from lightning_wm.benchmark.search import (
     run_search,
     search_space,
 )
+from lightning_wm.cli import main
 from lightning_wm.data import DigitsDataModule
 from lightning_wm.models import SmallCNN
 from lightning_wm.watermarks import UchidaWatermark
@@ -121,3 +124,34 @@ def test_the_realistic_attacker_marks_its_proxy_with_a_key_of_its_own(tmp_path):
     assert proxy.embed_cell != owner.embed_cell
     assert proxy.scheme.seed != owner.scheme.seed
     assert proxy.bench.datamodule.train_split == "attacker"
+
+
+SEARCH_QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "benchmark" / "search_quickstart.yaml"
+
+
+def test_cli_benchmark_runs_the_search_of_a_config_with_a_search_section_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning-wm"])
+    config = yaml.safe_load(SEARCH_QUICKSTART.read_text())
+    config["schemes"] = {"uchida": config["schemes"]["uchida"]}
+    config["attacks"] = {"prune": config["attacks"]["prune"]}
+    config["attack_epochs"] = {"prune": 0}
+    config["embed_epochs"] = 3
+    config["model"]["init_args"]["backbone"]["init_args"]["width"] = 8
+    config["trainer"]["enable_progress_bar"] = False
+    config["search"].update(trials=2, oracle=True, spaces={"prune": {"epochs": None, "lr": None}})
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["benchmark", "--config", str(path), "--output_dir", str(tmp_path / "bench")])
+    assert "| oracle | uchida | prune | rate=" in capsys.readouterr().out
+    assert (tmp_path / "bench" / "strongest.md").is_file()
+    config.pop("search")
+    path.write_text(yaml.safe_dump(config))
+    main(["benchmark", "--config", str(path), "--output_dir", str(tmp_path / "plain")])
+    assert "strongest attack" not in capsys.readouterr().out
+    assert not (tmp_path / "plain" / "search.db").exists()
+
+
+def test_the_command_lines_strings_are_read_as_yaml():
+    config = SearchConfig.from_dict({"trials": "3", "oracle": "[false, true]", "sampler": "grid"})
+    assert (config.trials, config.modes, config.sampler) == (3, [False, True], "grid")

@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import optuna
 import torch
+import yaml
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, Trial, TrialState
 from tqdm.auto import tqdm
@@ -99,10 +100,11 @@ class SearchConfig:
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | SearchConfig | None) -> SearchConfig:
-        """The config of a ``search:`` mapping; an unknown option or a bad value is a one-line :class:`SearchError`."""
+        """The config of a ``search:`` mapping; an unknown option or a bad value is a one-line :class:`SearchError`.
+        Strings are read as YAML, as ``--search.trials=3`` on the command line gives them."""
         if isinstance(options, SearchConfig):
             return options
-        options = dict(options or {})
+        options = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in dict(options or {}).items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
