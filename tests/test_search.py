@@ -155,3 +155,16 @@ def test_cli_benchmark_runs_the_search_of_a_config_with_a_search_section_only(tm
 def test_the_command_lines_strings_are_read_as_yaml():
     config = SearchConfig.from_dict({"trials": "3", "oracle": "[false, true]", "sampler": "grid"})
     assert (config.trials, config.modes, config.sampler) == (3, [False, True], "grid")
+
+
+def test_an_interrupted_grid_search_resumes_with_the_missing_trials_only(tmp_path):
+    config = {"trials": 1, "sampler": "grid", "grid_points": 2, "oracle": True, "spaces": {"prune": {"lr": None}}}
+    config["spaces"]["prune"]["epochs"] = None
+    run_search(_benchmark(tmp_path), config)
+    rows, _ = run_search(_benchmark(tmp_path), {**config, "trials": 2})
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'search.db'}")
+    trials = optuna.load_study(study_name="uchida__prune__oracle", storage=storage).trials
+    assert len(trials) == 2
+    assert {t.params["rate"] for t in trials} <= {0.1, 0.95}
+    assert {t.params["scope"] for t in trials} <= {"layer", "global"}
+    assert len(rows[0]["trials"]) == 2

@@ -498,8 +498,25 @@ class AttackSearch:
         rows = []
         for oracle in self.config.modes:
             for scheme_name in self.bench.schemes:
-                owner = self.owner(scheme_name)
-                tuned = owner if oracle else self.proxy(scheme_name)
+                try:
+                    owner = self.owner(scheme_name)
+                    tuned = owner if oracle else self.proxy(scheme_name)
+                except Exception as err:  # noqa: BLE001  (the scheme's rows are errors; the search goes on)
+                    reason = f"embedding failed: {type(err).__name__}: {str(err).strip()[:200]}"
+                    for attack in self.spaces:
+                        rows.append(
+                            {
+                                "mode": mode_name(oracle),
+                                "scheme": scheme_name,
+                                "attack": attack,
+                                "status": "error",
+                                "reason": reason,
+                                "params": {},
+                                "trials": [],
+                            }
+                        )
+                    bar.update(len(self.spaces) * self.config.trials)
+                    continue
                 for attack in self.spaces:
                     bar.set_postfix_str(f"{mode_name(oracle)}: {scheme_name} × {attack}")
                     rows.append(self._search(owner, tuned, attack, oracle, bar))
