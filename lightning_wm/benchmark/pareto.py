@@ -112,8 +112,12 @@ def pareto_plot(rows: list[dict[str, Any]], scheme: str, budget: float, path: Pa
                 ax.scatter(row["normalised"], 100 * row["acc"], marker="x", s=70, color=colour)
         ax.axvline(0.5, color="black", linestyle="--", linewidth=1, label="decision threshold")
         if before is not None:
-            budget_line = f"budget (−{budget:g} pt)"
+            budget_line = f"budget (−{budget:g} pt)" if mode == "oracle" else f"proxy's budget (−{budget:g} pt)"
             ax.axhline(100 * before - budget, color="grey", linestyle=":", linewidth=1, label=budget_line)
+        owner_before = next((r["acc_before"] for r in mine if r["mode"] == mode and "acc_before" in r), None)
+        if mode == "proxy" and owner_before is not None:
+            line = 100 * owner_before - budget
+            ax.axhline(line, color="black", linestyle="-.", linewidth=1, label=f"owner's budget (−{budget:g} pt)")
         view = "owner's key" if mode == "oracle" else "proxy key; × owner's verdict of the choice"
         ax.set_xlabel(f"normalised statistic ({view})")
         ax.set_ylabel("test accuracy %")

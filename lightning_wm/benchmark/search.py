@@ -9,8 +9,9 @@ configuration), so an interrupted search resumes, and the study itself lives in 
 (Optuna's SQLite storage, study ``<scheme>__<attack>__<mode>``), so finished trials are not run again.
 
 The objective is the owner's verification statistic normalised so that the decision threshold sits at 0.5
-(:func:`normalised_statistic`), minimised subject to the accuracy loss staying within the budget (Optuna's
-``constraints_func`` for TPE; the strongest setting is the best feasible trial for every sampler). Two attackers:
+(:func:`normalised_statistic`), minimised subject to the accuracy loss staying within the budget (a constraint of
+every trial, which TPE steers by; the strongest setting is the best feasible trial for every sampler). Two
+attackers:
 
 - ``oracle: true``, the SoK's worst case: the attacker reads the owner's verdict of every trial.
 - ``oracle: false``, the realistic attacker: it marks a proxy model of its own (the same scheme with another seed,
@@ -186,7 +187,7 @@ def factory_parts(factory: Any) -> tuple[type | None, dict[str, Any]]:
         return factory, {}
     if isinstance(factory, functools.partial):
         candidates = [factory.func, *factory.args]
-        cls = next((c for c in candidates if inspect.isclass(c) and not type(c).__module__.startswith("jsonarg")), None)
+        cls = next((c for c in candidates if inspect.isclass(c)), None)
         return cls, dict(factory.keywords)
     return None, {}
 
