@@ -168,3 +168,44 @@ def test_an_interrupted_grid_search_resumes_with_the_missing_trials_only(tmp_pat
     assert {t.params["rate"] for t in trials} <= {0.1, 0.95}
     assert {t.params["scope"] for t in trials} <= {"layer", "global"}
     assert len(rows[0]["trials"]) == 2
+
+
+def test_the_reports_are_logged_to_an_offline_wandb_run(tmp_path, monkeypatch):
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+    from test_wandb import offline_runs
+
+    from lightning_wm.benchmark.pareto import write_search_reports
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    trial = {"normalised": 0.3, "acc": 0.93, "acc_before": 0.95, "number": 0, "acc_drop": 2.0}
+    row = {
+        **trial,
+        "mode": "oracle",
+        "scheme": "uchida",
+        "attack": "prune",
+        "params": {"rate": 0.5},
+        "statistic_name": "ber",
+        "statistic": 0.45,
+        "p_value": 0.2,
+        "status": "removed",
+        "tuned_value": 0.3,
+        "tuned_feasible": True,
+        "tuned_acc_drop": 2.0,
+        "trial": 0,
+        "trials": [trial],
+    }
+    logger = WandbLogger(project="lightning-wm-test", save_dir=str(tmp_path))
+    try:
+        paths = write_search_reports([row], tmp_path / "out", 5.0, logger=logger)
+        logger.experiment.finish()
+    finally:
+        wandb.teardown()
+    assert "| oracle | uchida | prune | rate=0.5 | 95.0 → 93.0 | 2.0 |" in paths["strongest_md"].read_text()
+    (run,) = offline_runs(tmp_path)
+    (report,) = [artifact for artifact in run.artifacts if artifact.type == "search-report"]
+    names = {entry.path for entry in report.manifest.contents}
+    assert names == {"strongest.md", "strongest.csv", "search.csv", "pareto_uchida.png"}
+    media = run.folder / "files" / "media"
+    assert list(media.rglob("*.table.json")), "the strongest-attack table is in the run"
+    assert list(media.rglob("*.png")), "the Pareto plot is in the run"
