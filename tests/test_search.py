@@ -209,3 +209,23 @@ def test_the_reports_are_logged_to_an_offline_wandb_run(tmp_path, monkeypatch):
     media = run.folder / "files" / "media"
     assert list(media.rglob("*.table.json")), "the strongest-attack table is in the run"
     assert list(media.rglob("*.png")), "the Pareto plot is in the run"
+
+
+def test_every_registered_search_space_builds_its_attack():
+    from lightning_wm import registry
+    from lightning_wm.benchmark.search import suggest
+
+    victim = SmallCNN(width=8)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for spec in registry.attacks().values():
+        space = spec.attack.search_space()
+        if not space:
+            continue
+        assert all(isinstance(d, optuna.distributions.BaseDistribution) for d in space.values()), spec.name
+        trial = study.ask()
+        params = {name: suggest(trial, f"{spec.name}.{name}", dist) for name, dist in space.items()}
+        params = {name.removeprefix(f"{spec.name}."): value for name, value in params.items()}
+        factory, epochs = attack_from_params(spec.attack, params, {})
+        attack = factory(victim)
+        assert isinstance(attack, spec.attack)
+        assert epochs == params.get("epochs")
