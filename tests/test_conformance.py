@@ -16,6 +16,7 @@ population; set ``LIGHTNING_WM_RESULTS=<folder>`` to write the counts as JSON.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -43,7 +44,9 @@ SCHEMES = sorted(registry.schemes())
 ATTACKS = sorted(registry.attacks())
 
 
+@functools.cache
 def _clean(seed: int, outputs: int, dm: DigitsDataModule, architecture: str = "cnn") -> ImageClassifier:
+    """An unmarked model (trained once per test module and shared by every scheme's innocent populations)."""
     L.seed_everything(seed)
     backbone = SmallCNN(1, outputs, WIDTH) if architecture == "cnn" else MLP(64, outputs)
     model = ImageClassifier(backbone, num_classes=10)
