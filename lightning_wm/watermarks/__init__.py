@@ -3,6 +3,7 @@
 from lightning_wm.watermarks.abstract import AbstractTrigger
 from lightning_wm.watermarks.base import WatermarkScheme, resolve_layer
 from lightning_wm.watermarks.csp import CSPKey, CSPWatermark
+from lightning_wm.watermarks.deepsigns import DeepSignsKey, DeepSignsWatermark
 from lightning_wm.watermarks.frontier_stitching import (
     FrontierStitchingKey,
     FrontierStitchingWatermark,
@@ -19,6 +20,8 @@ __all__ = [
     "CSPKey",
     "CSPWatermark",
     "ContentTrigger",
+    "DeepSignsKey",
+    "DeepSignsWatermark",
     "FrontierStitchingKey",
     "FrontierStitchingWatermark",
     "FrontierTrigger",
