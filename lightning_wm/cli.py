@@ -233,20 +233,8 @@ def _log_verdict_to_wandb(
     key's and the suspect's fingerprints as metadata. Nothing of the key but its fingerprint is in either."""
     import wandb
 
-    prefix = f"verify/{verdict.scheme}"
     run = logger.experiment
-    run.summary.update(
-        {
-            f"{prefix}/outcome": verdict.outcome.value,
-            f"{prefix}/statistic_name": verdict.statistic_name,
-            f"{prefix}/statistic": float(verdict.statistic),
-            f"{prefix}/p_value": float(verdict.p_value),
-            f"{prefix}/log10_p": float(verdict.log10_p),
-            f"{prefix}/threshold": float(verdict.threshold),
-            f"{prefix}/alpha": float(verdict.alpha),
-            f"{prefix}/queries": int(verdict.queries or 0),
-        }
-    )
+    run.summary.update(verdict.summary(f"verify/{verdict.scheme}"))
     metadata = {
         "scheme": verdict.scheme,
         "outcome": verdict.outcome.value,

@@ -117,6 +117,23 @@ class Verdict:
     def is_undecidable(self) -> bool:
         return self.outcome is Outcome.UNDECIDABLE
 
+    def summary(self, prefix: str) -> dict[str, Any]:
+        """The verdict's scalars under ``prefix`` (``<prefix>/outcome``, ``p_value``, ``log10_p``...): what a run
+        summary or a dashboard row shows; nothing of the key."""
+        fields = {
+            "outcome": self.outcome.value,
+            "statistic_name": self.statistic_name,
+            "statistic": float(self.statistic),
+            "p_value": float(self.p_value),
+            "log10_p": float(self.log10_p),
+            "threshold": float(self.threshold),
+            "alpha": float(self.alpha),
+            "queries": int(self.queries or 0),
+        }
+        if self.reason:
+            fields["reason"] = self.reason
+        return {f"{prefix}/{name}": value for name, value in fields.items()}
+
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["outcome"] = self.outcome.value

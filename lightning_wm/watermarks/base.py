@@ -222,17 +222,10 @@ class WatermarkScheme(Callback):
         verdict = self.verify(pl_module)
         prefix = f"wm/{self.name}"
         summary = {
+            **verdict.summary(prefix),
             f"{prefix}/verdict": verdict.outcome.value,
-            f"{prefix}/statistic_name": verdict.statistic_name,
-            f"{prefix}/statistic": float(verdict.statistic),
-            f"{prefix}/p_value": float(verdict.p_value),
-            f"{prefix}/log10_p": float(verdict.log10_p),
-            f"{prefix}/threshold": float(verdict.threshold),
-            f"{prefix}/alpha": float(verdict.alpha),
             f"{prefix}/key_fingerprint": self.key.fingerprint()[:16],
         }
-        if verdict.reason:
-            summary[f"{prefix}/reason"] = verdict.reason
         for run in runs:
             run.summary.update(summary)
 
