@@ -366,6 +366,17 @@ DESCRIPTION = (
     "measure every scheme against every attack (benchmark)."
 )
 
+def _add_watermarks_argument(parser: Any) -> None:
+    parser.add_argument(
+        "--watermarks",
+        type=dict[str, WatermarkScheme] | None,
+        default=None,
+        help="Watermark schemes by name, added to the trainer's callbacks; each option is reachable as "
+        "--watermarks.<name>.init_args.<option> (e.g. --watermarks.uchida.init_args.seed=3). The name labels the "
+        "scheme's metrics and verdicts unless the scheme sets its own (verify reads the key file instead).",
+    )
+
+
 TRAINING_SUBCOMMANDS = ("fit", "validate", "test", "predict", "verify")
 
 
@@ -391,16 +402,15 @@ class WatermarkCLI(LightningCLI):
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand in TRAINING_SUBCOMMANDS:
-            parser.add_argument(
-                "--watermarks",
-                type=dict[str, WatermarkScheme] | None,
-                default=None,
-                help="Watermark schemes by name, added to the trainer's callbacks; each option is reachable as "
-                "--watermarks.<name>.init_args.<option> (e.g. --watermarks.uchida.init_args.seed=3). The name "
-                "labels the scheme's metrics and verdicts unless the scheme sets its own (verify reads the key file "
-                "instead).",
-            )
+            _add_watermarks_argument(parser)
         return parser
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if not add_subcommands:
+            _add_watermarks_argument(self.parser)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         schemes = self._get(self.config_init, "watermarks", default=None) or {}
