@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_wm.benchmark.matrix import quiet_trainer
@@ -22,22 +23,35 @@ from lightning_wm.watermarks.base import WatermarkScheme
 
 
 class EpochTimer(Callback):
-    """Wall time of each training epoch and the number of task samples it saw."""
+    """Wall time of each training epoch, the number of task samples it saw and its number of steps."""
 
     def __init__(self) -> None:
         self.epochs: list[tuple[float, int]] = []
+        self.steps: list[int] = []
         self._began = 0.0
         self._samples = 0
+        self._steps = 0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _synchronise(pl_module)
         self._began = time.perf_counter()
         self._samples = 0
+        self._steps = 0
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
         self._samples += len(batch[0])
+        self._steps += 1
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _synchronise(pl_module)
         self.epochs.append((time.perf_counter() - self._began, self._samples))
+        self.steps.append(self._steps)
+
+
+def _synchronise(pl_module: L.LightningModule) -> None:
+    """Wait for the GPU's queued kernels, so that an epoch's wall time holds its own work (no-op on CPU)."""
+    if pl_module.device.type == "cuda":
+        torch.cuda.synchronize(pl_module.device)
 
 
 def measure_overhead(
@@ -55,12 +69,13 @@ def measure_overhead(
         One row per configuration: ``scheme``, ``samples_per_s`` (median over repeats), ``slowdown`` (the median
         over repeats of plain throughput / this one, each ratio taken within one round-robin round, so that a
         slow phase of the machine hits both sides: 1.0 is free), ``slowdown_min`` (the smallest of those ratios,
-        the least disturbed) and ``setup_s`` (median time spent outside the training epochs: the Trainer's start,
-        key generation and the scheme's preparation).
+        the least disturbed), ``ms_per_step`` (median over repeats of the steady epochs' mean step time) and
+        ``setup_s`` (median time spent outside the training epochs: the Trainer's start, key generation, the
+        scheme's preparation and whatever it does once training ends).
     """
     if epochs < 2:
         raise ValueError("epochs must be at least 2: the first epoch is warm-up")
-    runs: dict[str, list[tuple[float, float]]] = {"plain": [], **{name: [] for name in schemes}}
+    runs: dict[str, list[tuple[float, float, float]]] = {"plain": [], **{name: [] for name in schemes}}
     scheme_models = scheme_models or {}
     for _ in range(repeats):
         for name in runs:
@@ -76,18 +91,20 @@ def measure_overhead(
             trainer.fit(clone_module(template), datamodule=datamodule)
             outside_epochs = time.perf_counter() - began - sum(t for t, _ in timer.epochs)
             steady = timer.epochs[1:]
-            throughput = sum(n for _, n in steady) / sum(t for t, _ in steady)
-            runs[name].append((throughput, outside_epochs))
+            steady_s = sum(t for t, _ in steady)
+            throughput = sum(n for _, n in steady) / steady_s
+            runs[name].append((throughput, outside_epochs, 1000 * steady_s / max(sum(timer.steps[1:]), 1)))
     rows = []
     for name, measured in runs.items():
-        ratios = [p / t for (p, _), (t, _) in zip(runs["plain"], measured, strict=True)]
+        ratios = [p[0] / t[0] for p, t in zip(runs["plain"], measured, strict=True)]
         rows.append(
             {
                 "scheme": name,
-                "samples_per_s": statistics.median(t for t, _ in measured),
+                "samples_per_s": statistics.median(m[0] for m in measured),
+                "ms_per_step": statistics.median(m[2] for m in measured),
                 "slowdown": statistics.median(ratios),
                 "slowdown_min": min(ratios),
-                "setup_s": statistics.median(s for _, s in measured),
+                "setup_s": statistics.median(m[1] for m in measured),
             }
         )
     return rows
@@ -96,12 +113,13 @@ def measure_overhead(
 def overhead_table(rows: list[dict[str, Any]]) -> str:
     """The rows of :func:`measure_overhead` as a Markdown table."""
     lines = [
-        "| scheme | samples/s | slowdown vs plain (median) | slowdown (min) | set-up time (s) |",
-        "|---|---|---|---|---|",
+        "| scheme | samples/s | ms/step | slowdown vs plain (median) | slowdown (min) | set-up time (s) |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['scheme']} | {row['samples_per_s']:.0f} | {row['slowdown']:.2f}× | {row['slowdown_min']:.2f}× | "
+            f"| {row['scheme']} | {row['samples_per_s']:.0f} | {row['ms_per_step']:.2f} | {row['slowdown']:.2f}× | "
+            f"{row['slowdown_min']:.2f}× | "
             f"{row['setup_s']:.2f} |"
         )
     return "\n".join(lines)

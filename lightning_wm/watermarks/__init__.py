@@ -3,6 +3,7 @@
 from lightning_wm.watermarks.abstract import AbstractTrigger
 from lightning_wm.watermarks.base import WatermarkScheme, resolve_layer
 from lightning_wm.watermarks.csp import CSPKey, CSPWatermark
+from lightning_wm.watermarks.dawn import DAWNHead, DAWNKey, DAWNWatermark
 from lightning_wm.watermarks.deepsigns import DeepSignsKey, DeepSignsWatermark
 from lightning_wm.watermarks.frontier_stitching import (
     FrontierStitchingKey,
@@ -20,6 +21,9 @@ __all__ = [
     "CSPKey",
     "CSPWatermark",
     "ContentTrigger",
+    "DAWNHead",
+    "DAWNKey",
+    "DAWNWatermark",
     "DeepSignsKey",
     "DeepSignsWatermark",
     "FrontierStitchingKey",

@@ -282,6 +282,7 @@ class CalibrationOptions:
         max_z: a projection whose mean z (against the null projections' normal fit) on the references exceeds
             this in absolute value is redrawn.
         tries: at most this many redraws per customer (the key's ``config["calibration_z"]`` keeps the final z).
+        trainer: options of the references' ``Trainer`` (e.g. ``{"accelerator": "gpu"}``; default: one CPU).
     """
 
     references: int = 2
@@ -289,6 +290,7 @@ class CalibrationOptions:
     lr: float = 2e-3
     max_z: float = 0.5
     tries: int = 100
+    trainer: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -445,7 +447,13 @@ class CSPWatermark(WatermarkScheme):
             )
         calibration = self.verification.calibration
         return train_clean_models(
-            base, datamodule, calibration.references, calibration.epochs, seed % 2**31, lr=calibration.lr
+            base,
+            datamodule,
+            calibration.references,
+            calibration.epochs,
+            seed % 2**31,
+            trainer_kwargs=calibration.trainer,
+            lr=calibration.lr,
         )
 
     def _redraw_biased(
