@@ -4,6 +4,7 @@ from lightning_wm.attacks.base import RemovalAttack, load_victim
 from lightning_wm.attacks.chain import ChainAttack
 from lightning_wm.attacks.distillation import DistillationAttack
 from lightning_wm.attacks.evasion import EvasionAttack
+from lightning_wm.attacks.fine_pruning import FinePruningAttack
 from lightning_wm.attacks.fine_tune import FineTuneAttack
 from lightning_wm.attacks.input_transform import (
     AutoencoderAttack,
@@ -16,8 +17,12 @@ from lightning_wm.attacks.input_transform import (
     QuantizationAttack,
     SmoothingAttack,
 )
+from lightning_wm.attacks.label_smoothing import LabelNoiseAttack, LabelSmoothingAttack
 from lightning_wm.attacks.overwrite import OverwriteAttack
 from lightning_wm.attacks.prune import PruneAttack, prune_sweep
+from lightning_wm.attacks.quantization import WeightQuantizationAttack
+from lightning_wm.attacks.regularization import RegularizationAttack
+from lightning_wm.attacks.weight_shifting import WeightShiftingAttack
 
 __all__ = [
     "AutoencoderAttack",
@@ -25,17 +30,23 @@ __all__ = [
     "DistillationAttack",
     "EvasionAttack",
     "FeatureSqueezingAttack",
+    "FinePruningAttack",
     "FineTuneAttack",
     "FlipAttack",
     "InputNoiseAttack",
     "InputTransformAttack",
     "JpegAttack",
+    "LabelNoiseAttack",
+    "LabelSmoothingAttack",
     "OcclusionAttack",
     "OverwriteAttack",
     "PruneAttack",
     "QuantizationAttack",
+    "RegularizationAttack",
     "RemovalAttack",
     "SmoothingAttack",
+    "WeightQuantizationAttack",
+    "WeightShiftingAttack",
     "load_victim",
     "prune_sweep",
 ]
