@@ -3,6 +3,7 @@
 from lightning_wm.attacks.base import RemovalAttack, load_victim
 from lightning_wm.attacks.chain import ChainAttack
 from lightning_wm.attacks.distillation import DistillationAttack
+from lightning_wm.attacks.ensemble_distillation import EnsembleDistillationAttack
 from lightning_wm.attacks.evasion import EvasionAttack
 from lightning_wm.attacks.fine_pruning import FinePruningAttack
 from lightning_wm.attacks.fine_tune import FineTuneAttack
@@ -17,17 +18,21 @@ from lightning_wm.attacks.input_transform import (
     QuantizationAttack,
     SmoothingAttack,
 )
+from lightning_wm.attacks.knockoff import KnockoffAttack
 from lightning_wm.attacks.label_smoothing import LabelNoiseAttack, LabelSmoothingAttack
 from lightning_wm.attacks.overwrite import OverwriteAttack
 from lightning_wm.attacks.prune import PruneAttack, prune_sweep
 from lightning_wm.attacks.quantization import WeightQuantizationAttack
 from lightning_wm.attacks.regularization import RegularizationAttack
+from lightning_wm.attacks.retraining import RetrainingAttack
+from lightning_wm.attacks.smooth_retraining import SmoothRetrainingAttack
 from lightning_wm.attacks.weight_shifting import WeightShiftingAttack
 
 __all__ = [
     "AutoencoderAttack",
     "ChainAttack",
     "DistillationAttack",
+    "EnsembleDistillationAttack",
     "EvasionAttack",
     "FeatureSqueezingAttack",
     "FinePruningAttack",
@@ -36,6 +41,7 @@ __all__ = [
     "InputNoiseAttack",
     "InputTransformAttack",
     "JpegAttack",
+    "KnockoffAttack",
     "LabelNoiseAttack",
     "LabelSmoothingAttack",
     "OcclusionAttack",
@@ -44,6 +50,8 @@ __all__ = [
     "QuantizationAttack",
     "RegularizationAttack",
     "RemovalAttack",
+    "RetrainingAttack",
+    "SmoothRetrainingAttack",
     "SmoothingAttack",
     "WeightQuantizationAttack",
     "WeightShiftingAttack",
