@@ -136,6 +136,12 @@ class ReferenceOptions:
         lr: their Adam learning rate.
         prune_rates: each final reference is also kept magnitude-pruned (global, unstructured) at these rates.
         max_inputs: training inputs on which the detector references' outputs are recorded.
+        trainer: options of their ``Trainer`` (e.g. ``{"accelerator": "gpu", "limit_train_batches": 50}``: side
+            training runs on one CPU device over all the training data unless told otherwise).
+        cache: keep what the references give (their recorded outputs and the first reference) in a pool of this
+            process keyed by (architecture, training data, seed, these options, inputs, queries), so that another
+            run with the same key and data (a benchmark's repeats, a rerun in a notebook) skips their training.
+            The references are deterministic in those, so a cached run gives the verdicts of a fresh one.
     """
 
     count: int = 3
@@ -144,6 +150,8 @@ class ReferenceOptions:
     lr: float = 2e-3
     prune_rates: tuple[float, ...] = (0.5, 0.8, 0.9)
     max_inputs: int = 4096
+    trainer: dict[str, Any] | None = None
+    cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -157,9 +165,14 @@ class EmbeddingOptions:
         detector_weight: λ, weight of the detector term.
         detector_hidden: hidden widths of the detector MLP.
         detector_lr: Adam learning rate of the detector.
-        detector_steps: detector steps at the end of every epoch, on that epoch's outputs of the marked model
-            against the clean references' outputs.
+        detector_steps: detector steps at every fit, on the last epoch's outputs of the marked model against the
+            clean references' outputs.
         detector_batch_size: their batch size.
+        detector_every: D is fitted at the end of every ``detector_every``-th epoch and at the end of training
+            (if the last epoch was not one of them), so the key's detector always matches the final model; a
+            nested fit costs as much as several of a small model's steps, so fitting less often amortises it.
+        divergence_rows: the Nasty-Teacher term is taken on the first ``divergence_rows`` rows of each batch
+            (0: all rows): an unbiased estimate of the batch mean that spares most of the reference's forward pass.
     """
 
     divergence: float = 0.0005
@@ -169,6 +182,8 @@ class EmbeddingOptions:
     detector_lr: float = 1e-3
     detector_steps: int = 15
     detector_batch_size: int = 2048
+    detector_every: int = 2
+    divergence_rows: int = 16
 
 
 @dataclass(frozen=True)
@@ -256,6 +271,11 @@ class USPWatermark(WatermarkScheme):
             raise ValueError(f"null_rate must be in [0, 1), got {self.verification.null_rate}")
         if not 0.0 <= self.verification.null_margin < 1.0:
             raise ValueError(f"null_margin must be in [0, 1), got {self.verification.null_margin}")
+        if self.embedding.detector_every < 1 or self.embedding.divergence_rows < 0:
+            raise ValueError(
+                "USPWatermark needs embedding.detector_every >= 1 and embedding.divergence_rows >= 0, "
+                f"got {self.embedding}"
+            )
         if self.references.count < 1 or self.references.calibration < 0 or self.references.epochs < 1:
             raise ValueError(
                 "USPWatermark needs references.count >= 1, references.calibration >= 0 and references.epochs >= 1, "
@@ -324,7 +344,7 @@ class USPWatermark(WatermarkScheme):
             raise ValueError("USPWatermark trains copies of pl_module.backbone (or .model); the module has neither")
         reference = None
         if trainer.is_global_zero:
-            reference = self._train_references(trainer, base)
+            reference = self._cached_references(trainer, base)
         state = trainer.strategy.broadcast(
             {n: t.cpu() for n, t in reference.state_dict().items()} if reference is not None else None, src=0
         )
@@ -332,6 +352,25 @@ class USPWatermark(WatermarkScheme):
             reference = copy.deepcopy(base)
             reference.load_state_dict(state)
         self._reference = reference.to(pl_module.device).eval().requires_grad_(False)
+
+    def _cached_references(self, trainer: L.Trainer, base: nn.Module) -> nn.Module:
+        """:meth:`_train_references` through the process's pool of clean references (``references.cache``)."""
+        if not self.references.cache or self._given_reference() is not None:
+            return self._train_references(trainer, base)
+        datamodule = trainer.datamodule
+        digest = hashlib.sha256(repr((type(base).__name__, repr(base), self.references, self._identity())).encode())
+        for tensor in datamodule.train_dataset.tensors:
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        name = digest.hexdigest()
+        if name not in _REFERENCE_POOL:
+            reference = self._train_references(trainer, base)
+            state = {n: t.detach().cpu().clone() for n, t in reference.state_dict().items()}
+            _REFERENCE_POOL[name] = (state, self._negatives, self._calibration_probs, self._reference_rates)
+            return reference
+        state, self._negatives, self._calibration_probs, self._reference_rates = _REFERENCE_POOL[name]
+        reference = copy.deepcopy(base)
+        reference.load_state_dict(state)
+        return reference.eval()
 
     def _train_references(self, trainer: L.Trainer, base: nn.Module) -> nn.Module:
         """Train the clean references (rank 0); record their outputs: negatives on training inputs, null on queries."""
@@ -354,7 +393,14 @@ class USPWatermark(WatermarkScheme):
 
         seed = int(self._identity()[15:24], 16)
         models = train_clean_models(
-            base, datamodule, fresh + options.calibration, options.epochs, seed, lr=options.lr, on_epoch=record
+            base,
+            datamodule,
+            fresh + options.calibration,
+            options.epochs,
+            seed,
+            trainer_kwargs=options.trainer,
+            lr=options.lr,
+            on_epoch=record,
         )
         detector_refs = ([given.eval()] if given is not None else []) + models[:fresh]
         if given is not None:
@@ -387,9 +433,10 @@ class USPWatermark(WatermarkScheme):
             score = functional_call(self._detector, params, (detector_features(F.log_softmax(logits.float(), -1)),))
             loss = options.detector_weight * F.binary_cross_entropy_with_logits(score, torch.ones_like(score))
             if options.divergence > 0:
+                rows = options.divergence_rows or len(x)
                 with torch.no_grad():
-                    reference = self._reference(x).float()
-                kl = nasty_teacher_divergence(logits, reference, options.temperature)
+                    reference = self._reference(x[:rows]).float()
+                kl = nasty_teacher_divergence(logits[:rows], reference, options.temperature)
                 pl_module.log("wm/usp/kl", kl.detach(), on_step=True, on_epoch=False)
                 loss = loss - options.divergence * options.temperature**2 * kl
         return loss
@@ -470,7 +517,19 @@ class USPWatermark(WatermarkScheme):
             self._refresh_key()
         return super().verify(suspect, alpha)
 
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._positives = []  # D is fitted on the latest epoch's outputs only
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.embedding.detector_every == 0:
+            self._fit_and_share(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.strategy.broadcast(bool(self._positives), src=0):  # the last epoch's outputs were not fitted
+            self._fit_and_share(trainer)
+
+    def _fit_and_share(self, trainer: L.Trainer) -> None:
+        """Fit D on rank 0, refresh the key, broadcast both and write the key file."""
         if trainer.is_global_zero and self._positives:
             self._fit_detector()
             self._refresh_key()
@@ -480,6 +539,10 @@ class USPWatermark(WatermarkScheme):
         self._key = trainer.strategy.broadcast(self._key, src=0)
         if self.key_path and trainer.is_global_zero:
             self.key.save_key(Path(self.key_path))
+
+
+_REFERENCE_POOL: dict[str, tuple[dict[str, Tensor], Tensor, list[Tensor], list[Tensor]]] = {}
+"""Clean references' results by (architecture, data, seed, options, key): see ``ReferenceOptions.cache``."""
 
 
 @torch.no_grad()
