@@ -183,6 +183,85 @@ def _wandb_value(value: Any) -> Any:
     return value
 
 
+RADAR_CATEGORIES = ("input preprocessing", "model modification", "model extraction", "combined")
+"""The SoK's families of removal attacks (Lukas et al., S&P 2022), one axis each of a scheme's radar plot."""
+
+
+def removal_strength(row: dict[str, Any], baseline_p: float | None = None, alpha: float = 0.01) -> float | None:
+    """How far an attack went towards removing the watermark, in ``[0, 1]``; None for a cell over the accuracy
+    budget, not applicable or failed.
+
+    1 when removed (or undecidable: no longer accused) within the budget; for a kept watermark, the fraction of the
+    decision threshold reached on the log10 p-value scale, from the marked model's ``baseline_p`` (0: the attack
+    changed nothing) to ``alpha`` (1), or ``log α / log p`` without a baseline.
+    """
+    if row.get("status") in ("removed", "undecidable"):
+        return 1.0
+    if row.get("status") != "kept":
+        return None
+    p_value = row.get("p_value")
+    if p_value is None or (isinstance(p_value, float) and math.isnan(p_value)):
+        return None
+    log_p, log_alpha = math.log10(max(float(p_value), 1e-300)), math.log10(alpha)
+    if baseline_p is not None and not math.isnan(baseline_p):
+        log_base = math.log10(max(float(baseline_p), 1e-300))
+        if log_base >= log_alpha:
+            return 0.0
+        return min(1.0, max(0.0, (log_base - log_p) / (log_base - log_alpha)))
+    return min(1.0, max(0.0, log_alpha / log_p)) if log_p < 0 else 1.0
+
+
+def radar_plots(
+    rows: list[dict[str, Any]], output_dir: str | Path, logger: Any = None, alpha: float = 0.01
+) -> dict[str, Path]:
+    """One ``radar_<scheme>.png`` per scheme under ``output_dir``: for each category of attack (the
+    ``RADAR_CATEGORIES``, then any other in the rows) the strongest removal within the accuracy budget
+    (:func:`removal_strength`), the vertex labelled with that attack; logged as ``benchmark/radar/<scheme>`` images
+    when ``logger`` is a ``WandbLogger``. Returns the paths by ``radar_<scheme>``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    extra = [c for c in dict.fromkeys(str(r.get("category") or "") for r in rows) if c and c not in RADAR_CATEGORIES]
+    categories = [*RADAR_CATEGORIES, *extra]
+    angles = [2 * math.pi * i / len(categories) for i in range(len(categories))]
+    paths: dict[str, Path] = {}
+    for scheme in dict.fromkeys(r["scheme"] for r in rows):
+        own = [r for r in rows if r["scheme"] == scheme]
+        baseline = next((r.get("p_value") for r in own if r.get("attack") == "none"), None)
+        best: dict[str, tuple[float, str]] = {}
+        for row in own:
+            category = str(row.get("category") or "")
+            strength = removal_strength(row, baseline, alpha) if category in categories else None
+            if strength is not None and strength > best.get(category, (-1.0, ""))[0]:
+                best[category] = (strength, str(row["attack"]))
+        values = [best.get(c, (0.0, ""))[0] for c in categories]
+        fig, ax = plt.subplots(figsize=(5, 5), subplot_kw={"projection": "polar"}, layout="constrained")
+        ax.plot([*angles, angles[0]], [*values, values[0]], color="#c62828")
+        ax.fill([*angles, angles[0]], [*values, values[0]], color="#c62828", alpha=0.25)
+        ax.set_ylim(0, 1)
+        ax.set_yticks([0.25, 0.5, 0.75, 1.0], ["", "", "", "removed"], fontsize=7)
+        labels = [f"{c}\n{best[c][1]}" if c in best else f"{c}\n(none in budget)" for c in categories]
+        ax.set_xticks(angles, labels, fontsize=8)
+        ax.set_title(f"{scheme}: strongest removal per category", fontsize=10)
+        path = Path(output_dir) / f"radar_{re.sub(r'[^A-Za-z0-9_.-]', '-', str(scheme))}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths[path.stem] = path
+    if logger is not None and paths:
+        from lightning.pytorch.loggers import WandbLogger
+
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            logger.experiment.log(
+                {f"benchmark/radar/{name.removeprefix('radar_')}": wandb.Image(str(p)) for name, p in paths.items()}
+            )
+    return paths
+
+
 def write_reports(
     rows: list[dict[str, Any]], output_dir: str | Path, logger: Any = None, summary: dict[str, Any] | None = None
 ) -> dict[str, Path]:
@@ -196,6 +275,7 @@ def write_reports(
         "heatmap": heatmap(rows, output_dir / "heatmap.png"),
     }
     paths["markdown"].write_text(markdown_table(rows) + "\n")
+    paths.update(radar_plots(rows, output_dir, logger, alpha=float((summary or {}).get("alpha", 0.01))))
     if logger is not None:
         from lightning.pytorch.loggers import WandbLogger
 
