@@ -5,11 +5,13 @@ says, at an accuracy cost within a bound measured here (figures printed with ``-
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import fast_trainer
 from lightning.pytorch.callbacks import Callback
 from torch import nn
@@ -26,12 +28,17 @@ from lightning_wm.attacks import (
 from lightning_wm.attacks.label_smoothing import noisy_labels
 from lightning_wm.attacks.quantization import quantize
 from lightning_wm.attacks.weight_shifting import shifted_modules
+from lightning_wm.cli import main
 from lightning_wm.data import DigitsDataModule
 from lightning_wm.models import SmallCNN
+from lightning_wm.verify import load_key
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SGD = partial(torch.optim.SGD, lr=0.01, momentum=0.9)
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+FAST = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false"]
+NAMES = ["weight_shifting", "fine_pruning", "weight_quantization", "label_smoothing", "label_noise", "regularization"]
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +204,40 @@ def test_regularization_shrinks_the_weights_then_recovery_restores_accuracy(vict
     assert abs(norms[-1] - norms[-3]) < 0.05 * before, "without the decay the norm stops shrinking"
     assert accs[-1] >= min(accs[:3]), "the recovery phase wins back what the L2 phase lost"
     assert _report("regularization (0.1 for 3 epochs, 6 recovery epochs)", attack, victim) < 0.03
+
+
+@pytest.fixture(scope="module")
+def cli_victim(tmp_path_factory, one_thread):
+    """A checkpoint and key written by ``lightning-wm fit --config configs/digits/uchida.yaml`` (3 epochs)."""
+    root = tmp_path_factory.mktemp("cli_victim")
+    config = yaml.safe_load((CONFIGS / "digits" / "uchida.yaml").read_text())
+    config["trainer"].update(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(root)
+    config["watermarks"]["uchida"]["init_args"]["key_path"] = str(root / "owner.key")
+    path = root / "victim.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path)])
+    return root / "last.ckpt", load_key(root / "owner.key")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_attack_runs_from_its_config(name, cli_victim, tmp_path, monkeypatch):
+    victim, key = cli_victim
+    monkeypatch.chdir(tmp_path)
+    epochs = ["--model.init_args.reg_epochs=1", "--trainer.max_epochs=2"] if name == "regularization" else []
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "attacks" / f"{name}.yaml"),
+            f"--model.init_args.victim={victim}",
+            "--trainer.max_epochs=1",
+            *epochs,
+            *FAST,
+        ]
+    )
+    checkpoint = Path(f"outputs/digits/attacks/{name}/last.ckpt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert {k.split(".")[0] for k in state["state_dict"]} == {"model"}
+    assert not any(k.endswith(("_orig", "_mask")) for k in state["state_dict"]), "pruning is permanent"
+    assert state["attack_cost"]["epochs"] == (2 if name == "regularization" else 1)
