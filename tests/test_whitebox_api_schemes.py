@@ -7,13 +7,15 @@ extraction test, its null and its forgery check are here.
 
 from __future__ import annotations
 
+import copy
+
 import lightning as L
 import pytest
 import torch
 from conftest import fast_trainer
 
 from lightning_wm import ImageClassifier
-from lightning_wm.attacks import DistillationAttack
+from lightning_wm.attacks import CollusionAttack, DistillationAttack
 from lightning_wm.data import DigitsDataModule
 from lightning_wm.models import SmallCNN
 from lightning_wm.verify import NotApplicable
@@ -21,6 +23,7 @@ from lightning_wm.verify.blackbox import BlackBoxModel, white_box_module
 from lightning_wm.verify.keys import ForgedKeyError
 from lightning_wm.verify.stats import queries_to_significance
 from lightning_wm.watermarks.dawn import DAWNKey, DAWNWatermark
+from lightning_wm.watermarks.deepmarks import DeepMarksWatermark, and_acc_codes, name_colluders
 from lightning_wm.watermarks.deepsigns import DeepSignsWatermark
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -148,3 +151,77 @@ def test_dawn_refuses_an_edited_log_and_a_degenerate_suspect(dawn, dm: DigitsDat
         return torch.full((len(x),), int(key.tensors["labels"][0]))
 
     assert key.verify(constant).is_undecidable
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeepMarks
+
+
+def test_the_fano_and_acc_code_names_any_two_colluders() -> None:
+    codes = and_acc_codes("fano").bool()
+    assert codes.sum(1).tolist() == [4] * 7
+    for j in range(7):
+        assert name_colluders(codes[j], "fano") == [j]
+        for k in range(j + 1, 7):
+            assert name_colluders(codes[j] & codes[k], "fano") == [j, k]
+
+
+@pytest.fixture(scope="module")
+def copies(dm: DigitsDataModule) -> dict[int, ImageClassifier]:
+    """Users 0..3's copies, each fine-tuned with its code from one base model the owner trained (as in the paper:
+    copies of one model, so that averaging them keeps a working model)."""
+    base = _model(0)
+    fast_trainer(5, limit_val_batches=0).fit(base, dm)
+    result = {}
+    for user in range(4):
+        L.seed_everything(user)
+        model = copy.deepcopy(base)
+        scheme = DeepMarksWatermark(user=user, repeat=12, layer="conv3", strength=1.0, seed=7)
+        fast_trainer(6, [scheme], limit_val_batches=0).fit(model, dm)
+        result[user] = model.eval()
+    result[-1] = base.eval()
+    return result
+
+
+def _deepmarks_key(dm: DigitsDataModule):
+    import types
+
+    scheme = DeepMarksWatermark(repeat=12, layer="conv3", seed=7)
+    return scheme._new_key(types.SimpleNamespace(datamodule=dm), _model(0))
+
+
+def test_each_users_copy_names_that_user(copies, dm: DigitsDataModule) -> None:
+    key = _deepmarks_key(dm)
+    assert key.check_derivation(dm)
+    for user in range(4):
+        verdict = key.verify(copies[user])
+        print(
+            f"DeepMarks user {user}: {verdict}, named {verdict.details['users']}, "
+            f"accuracy {_accuracy(copies[user], dm):.3f} (base {_accuracy(copies[-1], dm):.3f})"
+        )
+        assert verdict.is_watermarked, verdict
+        assert verdict.details["user"] == user
+        assert verdict.details["users"] == [user]
+        assert _accuracy(copies[user], dm) > _accuracy(copies[-1], dm) - 0.05
+    assert not key.verify(copies[-1]).is_watermarked, "the base model carries no code"
+
+
+@pytest.mark.parametrize("group", [(0, 1), (1, 3), (0, 2)])
+def test_averaging_two_copies_names_both_colluders(group, copies, dm: DigitsDataModule) -> None:
+    key = _deepmarks_key(dm)
+    attack = CollusionAttack([copies[u] for u in group])
+    verdict = key.verify(attack.eval())
+    print(
+        f"DeepMarks collusion {group}: {verdict}, named {verdict.details['users']}, "
+        f"accuracy {_accuracy(attack, dm):.3f}"
+    )
+    assert verdict.is_watermarked, verdict
+    assert verdict.details["users"] == list(group)
+    assert _accuracy(attack, dm) > 0.85
+
+
+def test_a_collusion_needs_copies_of_one_architecture(copies) -> None:
+    with pytest.raises(ValueError, match="at least two"):
+        CollusionAttack([copies[0]])
+    with pytest.raises(ValueError, match="architecture"):
+        CollusionAttack([copies[0], ImageClassifier(SmallCNN(1, 10, 16), num_classes=10)])

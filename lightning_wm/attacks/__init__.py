@@ -2,6 +2,7 @@
 
 from lightning_wm.attacks.base import RemovalAttack, load_victim
 from lightning_wm.attacks.chain import ChainAttack
+from lightning_wm.attacks.collusion import CollusionAttack
 from lightning_wm.attacks.distillation import DistillationAttack
 from lightning_wm.attacks.ensemble_distillation import EnsembleDistillationAttack
 from lightning_wm.attacks.evasion import EvasionAttack
@@ -31,6 +32,7 @@ from lightning_wm.attacks.weight_shifting import WeightShiftingAttack
 __all__ = [
     "AutoencoderAttack",
     "ChainAttack",
+    "CollusionAttack",
     "DistillationAttack",
     "EnsembleDistillationAttack",
     "EvasionAttack",

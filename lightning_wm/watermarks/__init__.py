@@ -4,6 +4,7 @@ from lightning_wm.watermarks.abstract import AbstractTrigger
 from lightning_wm.watermarks.base import WatermarkScheme, resolve_layer
 from lightning_wm.watermarks.csp import CSPKey, CSPWatermark
 from lightning_wm.watermarks.dawn import DAWNHead, DAWNKey, DAWNWatermark
+from lightning_wm.watermarks.deepmarks import DeepMarksKey, DeepMarksWatermark
 from lightning_wm.watermarks.deepsigns import DeepSignsKey, DeepSignsWatermark
 from lightning_wm.watermarks.frontier_stitching import (
     FrontierStitchingKey,
@@ -24,6 +25,8 @@ __all__ = [
     "DAWNHead",
     "DAWNKey",
     "DAWNWatermark",
+    "DeepMarksKey",
+    "DeepMarksWatermark",
     "DeepSignsKey",
     "DeepSignsWatermark",
     "FrontierStitchingKey",
