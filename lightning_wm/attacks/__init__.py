@@ -1,5 +1,6 @@
 """Removal attacks: each a LightningModule taking the victim (a checkpoint or a module), run by ``trainer.fit``."""
 
+from lightning_wm.attacks.adversarial_training import AdversarialTrainingAttack
 from lightning_wm.attacks.base import RemovalAttack, load_victim
 from lightning_wm.attacks.chain import ChainAttack
 from lightning_wm.attacks.collusion import CollusionAttack
@@ -21,15 +22,19 @@ from lightning_wm.attacks.input_transform import (
 )
 from lightning_wm.attacks.knockoff import KnockoffAttack
 from lightning_wm.attacks.label_smoothing import LabelNoiseAttack, LabelSmoothingAttack
+from lightning_wm.attacks.neural_cleanse import NeuralCleanseAttack
 from lightning_wm.attacks.overwrite import OverwriteAttack
+from lightning_wm.attacks.permutation import NeuronPermutationAttack
 from lightning_wm.attacks.prune import PruneAttack, prune_sweep
 from lightning_wm.attacks.quantization import WeightQuantizationAttack
 from lightning_wm.attacks.regularization import RegularizationAttack
 from lightning_wm.attacks.retraining import RetrainingAttack
 from lightning_wm.attacks.smooth_retraining import SmoothRetrainingAttack
+from lightning_wm.attacks.transfer import TransferLearningAttack
 from lightning_wm.attacks.weight_shifting import WeightShiftingAttack
 
 __all__ = [
+    "AdversarialTrainingAttack",
     "AutoencoderAttack",
     "ChainAttack",
     "CollusionAttack",
@@ -46,6 +51,8 @@ __all__ = [
     "KnockoffAttack",
     "LabelNoiseAttack",
     "LabelSmoothingAttack",
+    "NeuralCleanseAttack",
+    "NeuronPermutationAttack",
     "OcclusionAttack",
     "OverwriteAttack",
     "PruneAttack",
@@ -55,6 +62,7 @@ __all__ = [
     "RetrainingAttack",
     "SmoothRetrainingAttack",
     "SmoothingAttack",
+    "TransferLearningAttack",
     "WeightQuantizationAttack",
     "WeightShiftingAttack",
     "load_victim",

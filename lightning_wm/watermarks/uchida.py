@@ -49,6 +49,26 @@ def make_projection(kind: Projection, bits: int, size: int, rng: torch.Generator
     return x
 
 
+def align_input_channels(weight: Tensor, projection: Tensor, message: Tensor) -> Tensor:
+    """The order of the suspect layer's input channels that best fits the key: ``weight[:, order]`` is the aligned
+    weight, undoing a permutation of the previous layer's outputs (``lightning_wm.attacks.permutation``).
+
+    The key holds no original weights, only X and b, so the order is the assignment that maximises the summed
+    signed margins ``Σ_j (2b_j - 1)·(X·w̄)_j``: linear in the assignment (each key position c scores a suspect
+    channel d by ``<Σ_j (2b_j - 1)·X_{j,c}, w̄_d>``), solved exactly by the Hungarian method. The order is chosen
+    with the message, so bits read after it are not Binomial(T, 1/2) under the null: a p-value must be corrected
+    for the search (``UchidaKey.verify(align=True)`` multiplies by the C! orders).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    channels = weight.shape[1]
+    w_bar = filter_mean(weight.detach()).reshape(channels, -1).cpu().double()
+    signs = 2.0 * message.double() - 1.0
+    pull = (signs @ projection.double().cpu()).reshape(channels, -1)
+    _, order = linear_sum_assignment((pull @ w_bar.T).numpy(), maximize=True)
+    return torch.as_tensor(order, dtype=torch.long)
+
+
 class UchidaKey(WatermarkKey):
     """The projection X, the message b and the layer they read."""
 
@@ -81,23 +101,47 @@ class UchidaKey(WatermarkKey):
             problems.append("message")
         return problems
 
-    def verify(self, suspect: Suspect, alpha: float = 0.01, layer: str | None = None) -> Verdict:
+    def verify(self, suspect: Suspect, alpha: float = 0.01, layer: str | None = None, align: bool = False) -> Verdict:
+        """Bit errors of the suspect's layer against the message, binomial p-value.
+
+        ``align=True`` first reorders the layer's input channels by :func:`align_input_channels` (a suspect whose
+        previous layer's outputs were permuted) and corrects the p-value for that search by a union bound over
+        the ``C!`` orders of C input channels: ``p ≤ C!·P[Bin(T, 1/2) ≥ matches]``, so an aligned read can only
+        be declared when T bits carry more than ``log10(C!)`` orders of evidence.
+        """
         bits = self.extract(suspect, layer)  # type: ignore[arg-type]
         message = self.tensors["message"].long()
         total = len(message)
+        details: dict[str, Any] = {"layer": layer or self.config["layer"]}
+        log10_search = 0.0
+        if align:
+            weight = resolve_layer(white_box_module(suspect, self.scheme), details["layer"]).weight.detach()  # type: ignore[arg-type]
+            order = align_input_channels(weight, self.tensors["projection"], message).to(weight.device)
+            with torch.no_grad():
+                read = self.tensors["projection"].to(weight.device) @ filter_mean(weight[:, order])
+            bits = (read >= 0).long().cpu()
+            log10_search = math.lgamma(weight.shape[1] + 1) / math.log(10)
+            details.update(aligned=True, log10_orders_searched=log10_search)
         errors = int((bits != message).sum())
-        max_errors = total - binomial_threshold(total, 0.5, alpha)
+        if align:
+            level = math.log10(alpha) - log10_search
+            max_errors = next(
+                (e for e in range(total, -1, -1) if binomial_log10_p_value(total - e, total, 0.5) < level), -1
+            )
+        else:
+            max_errors = total - binomial_threshold(total, 0.5, alpha)
         return Verdict.decide(
             scheme=self.scheme,
             statistic=errors / total,
             statistic_name="ber",
-            log10_p=binomial_log10_p_value(total - errors, total, 0.5),
+            log10_p=binomial_log10_p_value(total - errors, total, 0.5) + log10_search,
             alpha=alpha,
             threshold=max_errors / total,
             higher_is_watermarked=False,
             queries=0,
-            null="each bit of an unmarked layer matches with probability 1/2 (binomial)",
-            details={"bits": total, "errors": errors, "layer": layer or self.config["layer"]},
+            null="each bit of an unmarked layer matches with probability 1/2 (binomial)"
+            + (", union bound over the C! input-channel orders searched" if align else ""),
+            details={"bits": total, "errors": errors, **details},
         )
 
 
