@@ -153,6 +153,19 @@ def test_dawn_refuses_an_edited_log_and_a_degenerate_suspect(dawn, dm: DigitsDat
     assert key.verify(constant).is_undecidable
 
 
+def test_a_dawn_key_file_keeps_the_log_and_a_rerun_reads_it(dawn, dm: DigitsDataModule, tmp_path) -> None:
+    scheme, model = dawn
+    key = _fresh_key(scheme)
+    key.record_reference(model, dm.dataset("test").tensors[0])
+    path = key.save_key(tmp_path / "dawn.key")
+    again = DAWNKey.load(path)
+    assert again.fingerprint() == key.fingerprint()
+    assert torch.equal(again.tensors["labels"], key.tensors["labels"])
+    rerun = DAWNWatermark(share=0.05, key_path=str(path))
+    fast_trainer(1, [rerun], limit_train_batches=2, limit_val_batches=0).fit(_model(3), dm)
+    assert rerun.key.fingerprint() == key.fingerprint()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # DeepMarks
 

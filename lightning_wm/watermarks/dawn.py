@@ -19,6 +19,8 @@ that model, but DAWN leaves the trained model untouched (an innocent model, by d
 the served :class:`DAWNHead` and its query log. Making the callback swap the head into the trained module at fit
 end would change that module's state-dict layout (which the suite's resume test reloads) and put the filter's
 secret in the module the checkpoints save, so DAWN is tested in ``tests/test_whitebox_api_schemes.py`` instead.
+Its key files (the log included) are read by :meth:`DAWNKey.load`, as ``load_key`` looks key classes up in the
+registry.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import hmac
+import io
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -34,7 +38,7 @@ from torch import Tensor, nn
 
 from lightning_wm.verify.blackbox import Suspect, degenerate_reason, query_labels
 from lightning_wm.verify.derive import DERIVATION_VERSION, derived_rng, seed_secret
-from lightning_wm.verify.keys import WatermarkKey
+from lightning_wm.verify.keys import KEY_FORMAT_VERSION, KeyFileError, WatermarkKey
 from lightning_wm.verify.stats import binomial_log10_p_value, binomial_threshold
 from lightning_wm.verify.verdict import Verdict
 from lightning_wm.watermarks.base import WatermarkScheme
@@ -69,6 +73,29 @@ class DAWNKey(WatermarkKey):
     """
 
     scheme = "dawn"
+
+    @classmethod
+    def load(cls, path: str | Path) -> DAWNKey:
+        """Read a DAWN key file (its log included). :func:`~lightning_wm.verify.load_key` finds a key's class in the
+        registry, where DAWN is not (see the module's docstring), so this reads the same format with the same
+        checks: header, SHA-256 of the payload, ``weights_only`` load, scheme name.
+
+        Raises:
+            KeyFileError: not a key file, edited or truncated, or a key of another scheme.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise KeyFileError(f"key file {path} does not exist")
+        header, _, payload = path.read_bytes().partition(b"\n")
+        parts = header.split(b" ")
+        if len(parts) != 3 or parts[0] != b"lightning-wm-key" or int(parts[1]) > KEY_FORMAT_VERSION:
+            raise KeyFileError(f"{path} is not a lightning-wm key file this version reads")
+        if hashlib.sha256(payload).hexdigest().encode() != parts[2]:
+            raise KeyFileError(f"{path} is corrupt: its SHA-256 does not match (the file was edited or truncated)")
+        content = torch.load(io.BytesIO(payload), weights_only=True)
+        if not isinstance(content, dict) or content.get("scheme") != cls.scheme:
+            raise KeyFileError(f"{path} does not hold a {cls.scheme} key")
+        return cls(content["config"], content["tensors"])
 
     def digest(self, x: Tensor) -> bytes:
         return input_digest(self.secret, x)  # type: ignore[arg-type]
@@ -234,6 +261,11 @@ class DAWNWatermark(WatermarkScheme):
             raise ValueError(f"share must be in (0, 1), got {share}")
         self.share = share
         self.probes = probes
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._key is None and self.key_path and Path(self.key_path).is_file():
+            self._key = DAWNKey.load(self.key_path)
+        super().setup(trainer, pl_module, stage)
 
     def make_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> DAWNKey:
         datamodule = self.split_datamodule(trainer, "probes to recognise a degenerate suspect")
