@@ -123,6 +123,11 @@ def test_fine_pruning_zeroes_the_least_active_channels_of_the_last_conv(victim, 
     assert all(activations[c] <= activations[k] for c in expected for k in kept)
     assert _report("fine_pruning (75% of conv3, 5 epochs)", attack, victim) < 0.08
 
+    untrained = FinePruningAttack(model, rate=0.75)
+    fast_trainer().test(untrained, datamodule=attacker_data, verbose=False)
+    assert untrained.pruned == expected, "test without fit prunes on the datamodule's training split"
+    assert torch.all(untrained.model.conv3.weight[expected] == 0)
+
 
 def test_weight_quantization_leaves_at_most_two_to_the_bits_values(victim, attacker_data):
     weight = torch.randn(64, 32)

@@ -41,8 +41,9 @@ class FinePruningAttack(RemovalAttack):
     output Liu et al. rank. The pruned channels' weights and biases are zeroed with
     ``torch.nn.utils.prune.custom_from_mask`` in ``setup`` of ``fit`` (or by :meth:`apply`), so they stay zero
     while all layers are fine-tuned on the true labels; when ``fit`` ends, and in every checkpoint, the pruning is
-    made permanent. ``fit`` with ``max_epochs=0`` prunes only. The SoK toolbox prunes 96% of CIFAR-10 ResNet's last
-    block and fine-tunes 10 epochs. Logs ``attack/pruned_channels``.
+    made permanent. ``fit`` with ``max_epochs=0`` prunes only; ``validate`` or ``test`` of an attack not yet pruned
+    prunes on the training split of the datamodule it is given (the benchmark's owner's, without ``fit``). The SoK
+    toolbox prunes 96% of CIFAR-10 ResNet's last block and fine-tunes 10 epochs. Logs ``attack/pruned_channels``.
 
     Args:
         victim: a ``lightning-wm fit`` checkpoint path, an ``ImageClassifier`` or a backbone.
@@ -144,8 +145,13 @@ class FinePruningAttack(RemovalAttack):
                 prune.remove(self.conv, name)
 
     def setup(self, stage: str) -> None:
-        if stage == "fit":
-            self.apply(self.trainer.datamodule.train_dataloader())
+        datamodule = self.trainer.datamodule
+        if not self.pruned and datamodule is not None:
+            if stage != "fit":
+                datamodule.setup("fit")
+            self.apply(datamodule.train_dataloader())
+        if stage != "fit":
+            self.make_permanent()
 
     def on_fit_end(self) -> None:
         super().on_fit_end()
