@@ -55,7 +55,8 @@ class NeuralCleanseAttack(RemovalAttack):
         victim: a ``lightning-wm fit`` checkpoint path, an ``ImageClassifier`` or a backbone.
         classes: the classes to reverse (the paper: all of them); all outputs of the last layer when None.
         reverse_epochs: epochs of phase 1.
-        cost: λ, the weight of the mask's L1 norm (the paper's initial cost 1e-3; fixed here).
+        cost: λ, the weight of the mask's L1 norm. The paper starts at 1e-3 and adapts it; fixed here, 0.03 over
+            20 epochs of digits' attacker split recovers a planted 3×3 trigger (mask L1 5.8 against a median 11.3).
         trigger_lr: Adam learning rate of the masks and patterns.
         anomaly_threshold: anomaly index above which a small mask is flagged (the paper's 2).
         unlearn_ratio: share of each unlearning batch stamped with a reversed trigger.
@@ -69,8 +70,8 @@ class NeuralCleanseAttack(RemovalAttack):
         self,
         victim: Victim,
         classes: Sequence[int] | None = None,
-        reverse_epochs: int = 2,
-        cost: float = 1e-3,
+        reverse_epochs: int = 20,
+        cost: float = 0.03,
         trigger_lr: float = 0.1,
         anomaly_threshold: float = 2.0,
         unlearn_ratio: float = 0.2,
