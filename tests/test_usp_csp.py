@@ -280,3 +280,52 @@ def test_csp_states_the_resolution_of_its_p_value(csp: tuple, clean: dict) -> No
     assert f"1/{draws + 1}" in verdict.null
     for result in verdict.details["per_customer"].values():
         assert result["p_value"] == pytest.approx((1 + result["null_exceed"]) / (1 + draws))
+
+
+def test_usp_fits_its_detector_at_the_end_of_training_when_the_last_epoch_skips_it(dm: DigitsDataModule) -> None:
+    """With detector_every=2 and 3 epochs, D is fitted after epoch 2 and once more when training ends."""
+    scheme = USPWatermark(
+        seed=4,
+        num_queries=100,
+        references={"count": 1, "calibration": 1, "epochs": 1, "prune_rates": ()},
+        embedding={"detector_every": 2, "detector_steps": 2},
+    )
+    L.seed_everything(0)
+    model = ImageClassifier(SmallCNN(1, 10, 8))
+    _trainer(3, [scheme]).fit(model, dm)
+    assert scheme._fits == 2
+    assert not scheme._positives
+    with pytest.raises(ValueError, match="detector_every"):
+        USPWatermark(embedding={"detector_every": 0})
+
+
+def test_usp_reference_pool_gives_a_rerun_the_same_references(dm: DigitsDataModule) -> None:
+    """A second run with the same key and data reads its references from the pool: same negatives and null."""
+    options = {"count": 1, "calibration": 1, "epochs": 1, "prune_rates": (0.5,)}
+    runs = []
+    for _ in range(2):
+        scheme = USPWatermark(seed=5, num_queries=100, references=options, embedding={"detector_steps": 1})
+        L.seed_everything(0)
+        _trainer(1, [scheme]).fit(ImageClassifier(SmallCNN(1, 10, 8)), dm)
+        runs.append(scheme)
+    assert runs[0]._negatives is runs[1]._negatives
+    fresh = USPWatermark(
+        seed=5, num_queries=100, references={**options, "cache": False}, embedding={"detector_steps": 1}
+    )
+    L.seed_everything(0)
+    _trainer(1, [fresh]).fit(ImageClassifier(SmallCNN(1, 10, 8)), dm)
+    assert torch.allclose(fresh._negatives, runs[0]._negatives, atol=1e-5)
+
+
+def test_csp_null_projections_drawn_in_chunks_score_like_one_draw(csp: tuple) -> None:
+    """Chunked drawing and scoring of the null projections is the one-shot computation, piece by piece."""
+    scheme, model = csp
+    key = scheme.key
+    x = key.tensors["queries"][:50]
+    with torch.no_grad():
+        probs = torch.softmax(model(x), -1)
+    whole = key.null_scores(probs, x, "alice", chunk=10**6)
+    assert torch.allclose(key.null_scores(probs, x, "alice", chunk=100), whole)
+    assert len(whole) == int(key.config["null_keys"])
+    many = CSPKey({**key.config, "null_keys": 70_000}, key.tensors)
+    assert len(many.null_scores(probs, x, "alice")) == 70_000
