@@ -199,3 +199,51 @@ def test_radar_plots_are_written_from_rows(tmp_path: Path) -> None:
     reports = write_reports(rows, tmp_path / "bench")
     assert (tmp_path / "bench" / "radar_content.png").is_file()
     assert reports["radar_usp"].parent == reports["heatmap"].parent
+
+
+def test_radar_plots_are_logged_to_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lightning_wm.benchmark.report import radar_plots
+
+    logged: dict = {}
+
+    class Run:
+        def log(self, values: dict) -> None:
+            logged.update(values)
+
+    monkeypatch.setattr(WandbLogger, "experiment", property(lambda self: Run()))
+    rows = [{"scheme": "content", "attack": "knockoff", "category": "model extraction", "status": "removed"}]
+    radar_plots(rows, tmp_path, logger=WandbLogger.__new__(WandbLogger))
+    assert list(logged) == ["benchmark/radar/content"]
+
+
+def test_the_benchmark_reports_extraction_queries_and_radar_plots(tmp_path: Path) -> None:
+    import csv
+
+    from conftest import example_model, example_scheme
+
+    from lightning_wm.benchmark import Benchmark
+    from lightning_wm.benchmark.report import write_reports
+
+    bench = Benchmark(
+        example_model("content"),
+        DigitsDataModule(batch_size=64),
+        schemes={"content": example_scheme("content", seed=1)},
+        attacks={"retraining": partial(RetrainingAttack, query_budget=120, optimizer=ADAM)},
+        embed_epochs=3,
+        attack_epochs=1,
+        null_models=1,
+        output_dir=tmp_path / "bench",
+        progress=False,
+    )
+    results = bench.run()
+    write_reports(results, tmp_path / "bench")
+    rows = {r["attack"]: r for r in results}
+    assert rows["retraining"]["category"] == "model extraction"
+    assert rows["retraining"]["queries"] >= 120, "the attack's 120 queries plus the owner's verification queries"
+    with open(tmp_path / "bench" / "results.csv") as f:
+        written = {r["attack"]: r for r in csv.DictReader(f)}
+    assert int(written["retraining"]["queries"]) == rows["retraining"]["queries"]
+    assert (tmp_path / "bench" / "radar_content.png").is_file()
