@@ -125,7 +125,9 @@ class DeepSignsWatermark(WatermarkScheme):
 
     Every training step forwards the trigger inputs (in eval mode, so batch norm behaves as at verification) and
     adds λ·Σ_j BCE(σ(A·μ)_j, b_j), computed in fp32 outside autocast; logs ``wm/<name>/ber``. A layer of C
-    channels separates at most about C random bits with margin: keep T well below C (SmallCNN's ``fc`` has 128).
+    channels separates at most about C random bits with margin: keep T well below C (SmallCNN's ``fc`` has 128). On
+    digits (SmallCNN width 8, 6 epochs) λ = 0.01 embeds 32 bits with no error at no measurable accuracy cost
+    (92.2-92.5% against 92.5% unmarked); λ = 0.1 costs 4-7 points.
 
     Args:
         layer: the layer whose output is read, a name from ``named_modules()`` (``fc``, ``conv3``).
@@ -144,7 +146,7 @@ class DeepSignsWatermark(WatermarkScheme):
         bits: int = 32,
         classes: Sequence[int] = (0,),
         triggers: int = 32,
-        strength: float = 0.1,
+        strength: float = 0.01,
         key_path: str | None = None,
         seed: int | None = None,
         alpha: float = 0.01,
@@ -211,7 +213,7 @@ SCHEME = SchemeSpec(
     higher_is_watermarked=False,
     access="weights",
     example=lambda seed=None, key_path=None: DeepSignsWatermark(
-        layer="fc", bits=32, triggers=16, strength=0.1, seed=seed, key_path=key_path
+        layer="fc", bits=32, triggers=16, strength=0.01, seed=seed, key_path=key_path
     ),
 )
 """DeepSigns' registry entry (entry point ``deepsigns`` of ``lightning_wm.schemes``)."""
