@@ -249,8 +249,26 @@ def _attack_run(scheme_name: str, attack_name: str, marked: Callable[[str], Mark
         return str(err)
 
 
-@pytest.mark.parametrize("attack_name", ATTACKS)
-@pytest.mark.parametrize("scheme_name", SCHEMES)
+FAST_PAIR_SCHEMES = ("uchida", "content", "usp")
+"""Every attack meets these in the fast suite (white-box weights, top-1 labels, probabilities); every scheme meets
+FAST_PAIR_ATTACKS (one attack of each threat model); the rest of the cross product runs with ``-m slow``."""
+FAST_PAIR_ATTACKS = ("fine_tune", "distillation", "evasion", "jpeg")
+
+
+def _attack_pairs() -> list:
+    return [
+        pytest.param(
+            scheme,
+            attack,
+            marks=() if scheme in FAST_PAIR_SCHEMES or attack in FAST_PAIR_ATTACKS else pytest.mark.slow,
+            id=f"{scheme}-{attack}",
+        )
+        for scheme in SCHEMES
+        for attack in ATTACKS
+    ]
+
+
+@pytest.mark.parametrize(("scheme_name", "attack_name"), _attack_pairs())
 def test_every_attack_runs_against_every_scheme_or_is_not_applicable(
     scheme_name: str, attack_name: str, marked: Callable[[str], Marked]
 ) -> None:
