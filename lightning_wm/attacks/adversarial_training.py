@@ -98,12 +98,13 @@ class AdversarialTrainingAttack(RemovalAttack):
 
     @classmethod
     def search_space(cls) -> dict[str, BaseDistribution]:
-        """Radius, steps (1: FGSM), learning rate and epochs."""
+        """Radius, steps (1: FGSM) and their size, the adversarial share of the loss, learning rate and epochs."""
         from optuna.distributions import FloatDistribution, IntDistribution
 
         return {
             "epsilon": FloatDistribution(0.05, 1.5, log=True),
             "steps": IntDistribution(1, 10),
+            "step_size": FloatDistribution(0.01, 0.5, log=True),
             "adversarial_weight": FloatDistribution(0.5, 1.0),
             "lr": FloatDistribution(1e-4, 1e-1, log=True),
             "epochs": IntDistribution(1, 5),

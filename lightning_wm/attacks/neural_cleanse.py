@@ -112,12 +112,12 @@ class NeuralCleanseAttack(RemovalAttack):
         from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
         return {
-            "reverse_epochs": IntDistribution(1, 5),
+            "reverse_epochs": IntDistribution(5, 25),
             "cost": FloatDistribution(1e-4, 1e-1, log=True),
             "unlearn_ratio": FloatDistribution(0.1, 0.5),
             "unlearn_classes": CategoricalDistribution(["flagged", "all"]),
             "lr": FloatDistribution(1e-4, 1e-1, log=True),
-            "epochs": IntDistribution(2, 8),
+            "epochs": IntDistribution(8, 30),
         }
 
     @property
