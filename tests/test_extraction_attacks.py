@@ -107,6 +107,7 @@ def test_two_identical_victims_give_the_single_victims_soft_labels(
     ensemble = EnsembleDistillationAttack([victim, victim], temperature=3.0)
     single = BlackBoxModel(victim, temperature=3.0)(x)
     torch.testing.assert_close(ensemble.answer_new(x), single)
+    assert len(EnsembleDistillationAttack(victim, extra_victims=[victim])._apis) == 2, "one victim, as the benchmark"
     other = ImageClassifier(SmallCNN(1, 10, 8), num_classes=10).eval()
     mixed = EnsembleDistillationAttack([victim, other], temperature=3.0).answer_new(x)
     torch.testing.assert_close(mixed, (single + BlackBoxModel(other, temperature=3.0)(x)) / 2)

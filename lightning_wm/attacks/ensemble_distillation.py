@@ -40,8 +40,10 @@ class EnsembleDistillationAttack(LabelCache, RemovalAttack):
     cached per image (:class:`~lightning_wm.attacks.retraining.LabelCache`).
 
     Args:
-        victims: checkpoint paths, ``ImageClassifier``\\ s or backbones (at least one), all with the same outputs.
+        victims: checkpoint paths, ``ImageClassifier``\\ s or backbones (at least one), all with the same outputs;
+            a single one is a list of one (how the benchmark and the search hand over the marked model).
         student: the network to train; None: the first victim's architecture, re-initialised.
+        extra_victims: more victims after ``victims`` (other models of the task held by the thief).
         temperature: T of the served probabilities and of the student's softmax.
         output: what each API serves, ``probs`` or ``labels``.
         soft_weight: weight of the distillation term; ``1 - soft_weight`` goes to the true labels.
@@ -52,8 +54,9 @@ class EnsembleDistillationAttack(LabelCache, RemovalAttack):
 
     def __init__(
         self,
-        victims: list[Victim],
+        victims: Victim | list[Victim],
         student: nn.Module | None = None,
+        extra_victims: list[Victim] | None = None,
         temperature: float = 3.0,
         output: ApiOutput = "probs",
         soft_weight: float = 1.0,
@@ -61,8 +64,10 @@ class EnsembleDistillationAttack(LabelCache, RemovalAttack):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        if isinstance(victims, (str, nn.Module)) or len(victims) == 0:
-            raise ValueError("victims must be a non-empty list of checkpoint paths or modules")
+        victims = [victims] if isinstance(victims, (str, nn.Module)) else list(victims)
+        victims += list(extra_victims or [])
+        if not victims:
+            raise ValueError("victims must be a checkpoint path, a module or a non-empty list of them")
         if output not in ("probs", "labels"):
             raise ValueError(f"output must be 'probs' or 'labels', got {output!r}")
         if not 0.0 <= soft_weight <= 1.0:
@@ -77,7 +82,7 @@ class EnsembleDistillationAttack(LabelCache, RemovalAttack):
         for teacher in teachers:
             _check_outputs(student, teacher)
         super().__init__(optimizer, lr_scheduler)
-        self.save_hyperparameters(ignore=["victims", "student", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["victims", "student", "extra_victims", "optimizer", "lr_scheduler"])
         self.temperature = temperature
         self.output = output
         self.soft_weight = soft_weight
