@@ -47,6 +47,12 @@ class NeuralCleanseAttack(RemovalAttack):
     any reversed class, ``unlearn_classes="all"``) with its TRUE label. With nothing flagged it is plain
     fine-tuning, which is what Neural Cleanse would do to a model it finds clean.
 
+    On digits, a planted 3×3 trigger to class 0 is flagged (mask L1 5.8 against a median 11.3), its reversed
+    trigger sends every clean input to 0 and unlearning takes the planted trigger's success from 100% to 0% for
+    2 points of accuracy. A content trigger-set watermark has a random label per key, so no class's trigger is an
+    outlier: nothing is flagged and the key accuracy stays 0.97; unlearning all classes' triggers lowers it to 0.27
+    (still declared, p = 1e-6) for 9 points of accuracy.
+
     Manual optimisation: the trigger optimizer and the model's (``optimizer``) are both returned by
     ``configure_optimizers``, each stepped in its phase. The triggers live outside ``state_dict`` (checkpoints
     hold the attacked model), in ``self.masks`` / ``self.patterns`` and under ``neural_cleanse`` in a checkpoint.

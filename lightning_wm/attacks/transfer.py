@@ -39,7 +39,8 @@ class TransferLearningAttack(RemovalAttack):
     frozen, batch-norm statistics included; every later epoch trains all layers on the attacker's true labels. One
     optimizer over all parameters serves both stages (the frozen ones get no gradient in the first). The task's
     classes are the victim's here (``outputs`` None); another number models transfer to a new task, which the
-    owner can then only verify in white-box.
+    owner can then only verify in white-box. On digits (SmallCNN width 32, 1 + 4 epochs) it costs under a point and
+    leaves both Uchida's bits (BER 0) and a content trigger set (key accuracy 0.97): the body carries them.
 
     Args:
         victim: a ``lightning-wm fit`` checkpoint path, an ``ImageClassifier`` or a backbone.
