@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_wm.attacks.base import RemovalAttack, Victim, copy_victim
@@ -176,6 +177,15 @@ class NeuralCleanseAttack(RemovalAttack):
         if self.lr_scheduler is None:
             return [triggers, model_optimizer]
         return [triggers, model_optimizer], [self.lr_scheduler(model_optimizer)]
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        epochs = self.trainer.max_epochs
+        if epochs is not None and 0 <= epochs <= self.reverse_epochs:
+            rank_zero_warn(
+                f"NeuralCleanseAttack: max_epochs={epochs} leaves no unlearning epoch after reverse_epochs="
+                f"{self.reverse_epochs}: the model is not changed"
+            )
 
     def on_train_epoch_start(self) -> None:
         self.model.requires_grad_(not self.reversing)
