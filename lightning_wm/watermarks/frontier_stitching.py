@@ -40,6 +40,7 @@ from lightning_wm.models.reinit import clone_module
 from lightning_wm.registry import SchemeSpec
 from lightning_wm.side_training import CleanModel, quiet_trainer
 from lightning_wm.verify.blackbox import Suspect, degenerate_reason, query_labels
+from lightning_wm.verify.derive import DISPUTE_ALPHA
 from lightning_wm.verify.stats import two_sample_queries_to_significance
 from lightning_wm.verify.verdict import Verdict
 from lightning_wm.watermarks.key_samples import KeySampleGenerator, KeySamples, training_tensors
@@ -238,6 +239,7 @@ class FrontierStitchingKey(TriggerSetKey):
             "epsilon": self.config["epsilon"],
             "verified_on": self.config.get("verified_on"),
             "queries_to_significance": two_sample_queries_to_significance(accuracy, null_rate, 1e-6),
+            "queries_to_dispute": two_sample_queries_to_significance(accuracy, null_rate, DISPUTE_ALPHA),
         }
         undecidable = None
         if "probe_inputs" in self.tensors:

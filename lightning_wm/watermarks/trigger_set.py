@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from lightning_wm.registry import SchemeSpec
 from lightning_wm.verify.blackbox import Suspect, degenerate_reason, query_labels
+from lightning_wm.verify.derive import DISPUTE_ALPHA
 from lightning_wm.verify.keys import WatermarkKey
 from lightning_wm.verify.stats import (
     binomial_log10_p_value,
@@ -130,6 +131,7 @@ class TriggerSetKey(WatermarkKey):
                 "null_keys": null_total,
                 "null_rate": null_rate,
                 "queries_to_significance": two_sample_queries_to_significance(accuracy, null_rate, 1e-6),
+                "queries_to_dispute": two_sample_queries_to_significance(accuracy, null_rate, DISPUTE_ALPHA),
             }
         else:
             log10_p = binomial_log10_p_value(hits, total, chance)
@@ -144,7 +146,11 @@ class TriggerSetKey(WatermarkKey):
                     f"a fixed key class: Binomial({total}, {chance:.4g}) assumes the suspect gives that class at the "
                     "chance rate, which is not valid for every suspect (a model favouring that class matches it)"
                 )
-            details |= {"chance": chance, "queries_to_significance": queries_to_significance(accuracy, chance, 1e-6)}
+            details |= {
+                "chance": chance,
+                "queries_to_significance": queries_to_significance(accuracy, chance, 1e-6),
+                "queries_to_dispute": queries_to_significance(accuracy, chance, DISPUTE_ALPHA),
+            }
         undecidable = None
         if "probe_inputs" in self.tensors:
             predicted, probe_queries = query_labels(suspect, self.tensors["probe_inputs"])
