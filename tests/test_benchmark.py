@@ -214,7 +214,12 @@ def test_cli_benchmark_logs_a_run_per_cell_and_a_summary_run_to_offline_wandb(tm
     assert any("wm/noise/p_value" in row for row in runs["noise×none"].history), "the embedding's per-epoch verdicts"
     summary = runs["summary"]
     (report,) = [artifact for artifact in summary.artifacts if artifact.type == "benchmark-report"]
-    assert {entry.path for entry in report.manifest.contents} == {"results.csv", "results.md", "heatmap.png"}
+    assert {entry.path for entry in report.manifest.contents} == {
+        "results.csv",
+        "results.md",
+        "heatmap.png",
+        "radar_noise.png",
+    }, "the reports and the one scheme's radar plot"
     media = summary.folder / "files" / "media"
     assert list(media.rglob("*.table.json")), "the benchmark table is in the summary run"
     assert list(media.rglob("*.png")), "the heatmap is in the summary run"
