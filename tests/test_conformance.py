@@ -540,8 +540,8 @@ def test_grinding_seeds_does_not_reach_the_dispute_level(name: str, dm: DigitsDa
 
 
 NOT_GROUND = ("usp", "csp", "frontier_stitching")
-"""Schemes whose key creation trains models or needs the model's gradients: a thousand keys are out of reach here
-(their keys are reported not checkable, so a forger gains nothing from choosing among them either)."""
+"""Schemes whose key creation trains models or needs the model's gradients: a thousand keys are out of reach here.
+Their keys are reported as not checkable against a seed, and their verdicts say that they prove less."""
 
 
 @pytest.mark.slow
