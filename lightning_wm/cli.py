@@ -366,6 +366,7 @@ DESCRIPTION = (
     "measure every scheme against every attack (benchmark)."
 )
 
+
 def _add_watermarks_argument(parser: Any) -> None:
     parser.add_argument(
         "--watermarks",

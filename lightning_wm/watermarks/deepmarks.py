@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_wm.registry import SchemeSpec
@@ -33,7 +32,7 @@ from lightning_wm.verify.keys import WatermarkKey
 from lightning_wm.verify.stats import binomial_log10_p_value, binomial_threshold
 from lightning_wm.verify.verdict import Verdict
 from lightning_wm.watermarks.base import WatermarkScheme, resolve_layer
-from lightning_wm.watermarks.uchida import filter_mean, make_projection
+from lightning_wm.watermarks.uchida import filter_mean, make_projection, projection_bce
 
 Design = Literal["fano", "pg2_3"]
 
@@ -227,11 +226,7 @@ class DeepMarksWatermark(WatermarkScheme):
             key: DeepMarksKey = self.key  # type: ignore[assignment]
             self._projection = key.tensors["projection"].float().to(weight.device)
             self._target = key.targets(self.user).float().to(weight.device)
-        with torch.autocast(weight.device.type, enabled=False):
-            logits = self._projection @ filter_mean(weight)
-            loss = F.binary_cross_entropy_with_logits(logits, self._target, reduction="sum")
-        with torch.no_grad():
-            ber = ((logits >= 0).float() != self._target).float().mean()
+        loss, ber = projection_bce(self._projection, self._target, weight)
         pl_module.log(f"wm/{self.name}/ber", ber, on_step=True, on_epoch=False, prog_bar=True)
         return self.strength * loss
 

@@ -31,6 +31,16 @@ def filter_mean(weight: Tensor) -> Tensor:
     return weight.float().mean(dim=0).flatten()
 
 
+def projection_bce(projection: Tensor, target: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """The embedding loss Σ_j BCE(σ(X·w̄)_j, b_j), in fp32 outside autocast, and the bit error rate it leaves."""
+    with torch.autocast(weight.device.type, enabled=False):
+        logits = projection @ filter_mean(weight)
+        loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
+    with torch.no_grad():
+        ber = ((logits >= 0).float() != target).float().mean()
+    return loss, ber
+
+
 def make_projection(kind: Projection, bits: int, size: int, rng: torch.Generator) -> Tensor:
     """The secret matrix X (T×M) of the three types of the authors' code (papers.md §1.2)."""
     if kind == "random":
@@ -242,11 +252,7 @@ class UchidaWatermark(WatermarkScheme):
         if self._projection is None or self._projection.device != weight.device:
             self._projection = self.key.tensors["projection"].float().to(weight.device)
             self._target = self.key.tensors["message"].float().to(weight.device)
-        with torch.autocast(weight.device.type, enabled=False):
-            logits = self._projection @ filter_mean(weight)
-            loss = F.binary_cross_entropy_with_logits(logits, self._target, reduction="sum")
-        with torch.no_grad():
-            ber = ((logits >= 0).float() != self._target).float().mean()
+        loss, ber = projection_bce(self._projection, self._target, weight)
         pl_module.log(f"wm/{self.name}/ber", ber, on_step=True, on_epoch=False, prog_bar=True)
         return self.strength * loss
 
