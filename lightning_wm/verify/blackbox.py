@@ -151,3 +151,15 @@ def degenerate_reason(predicted: Tensor, labels: Tensor, num_classes: int) -> st
 
 DEGENERATE_SHARE = 0.8
 DEGENERATE_ACCURACY_FACTOR = 2.0
+
+
+def probe(
+    suspect: Suspect, inputs: Tensor | None, labels: Tensor | None, num_classes: int
+) -> tuple[str | None, int, float | None]:
+    """Query ``suspect`` on a key's clean probe inputs: why it is degenerate (or None), the queries spent and its
+    accuracy on them; ``(None, 0, None)`` for a key without probes."""
+    if inputs is None or labels is None:
+        return None, 0, None
+    predicted, queries = query_labels(suspect, inputs)
+    accuracy = float((predicted.cpu() == labels).float().mean())
+    return degenerate_reason(predicted, labels, num_classes), queries, accuracy

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_wm.registry import SchemeSpec
-from lightning_wm.verify.blackbox import Suspect, degenerate_reason, query_labels
+from lightning_wm.verify.blackbox import Suspect, probe, query_labels
 from lightning_wm.verify.derive import DISPUTE_ALPHA
 from lightning_wm.verify.keys import WatermarkKey
 from lightning_wm.verify.stats import (
@@ -151,13 +151,13 @@ class TriggerSetKey(WatermarkKey):
                 "queries_to_significance": queries_to_significance(accuracy, chance, 1e-6),
                 "queries_to_dispute": queries_to_significance(accuracy, chance, DISPUTE_ALPHA),
             }
-        undecidable = None
-        if "probe_inputs" in self.tensors:
-            predicted, probe_queries = query_labels(suspect, self.tensors["probe_inputs"])
-            queries += probe_queries
-            probe_labels = self.tensors["probe_labels"]
-            details["probe_accuracy"] = float((predicted.cpu() == probe_labels).float().mean())
-            undecidable = degenerate_reason(predicted, probe_labels, int(self.config["num_classes"]))
+        t = self.tensors
+        undecidable, probe_queries, probe_accuracy = probe(
+            suspect, t.get("probe_inputs"), t.get("probe_labels"), int(self.config["num_classes"])
+        )
+        queries += probe_queries
+        if probe_accuracy is not None:
+            details["probe_accuracy"] = probe_accuracy
         return Verdict.decide(
             scheme=self.scheme,
             statistic=accuracy,
