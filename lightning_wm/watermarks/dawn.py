@@ -36,7 +36,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from lightning_wm.verify.blackbox import Suspect, degenerate_reason, query_labels
+from lightning_wm.verify.blackbox import Suspect, probe, query_labels
 from lightning_wm.verify.derive import DERIVATION_VERSION, derived_rng, seed_secret
 from lightning_wm.verify.keys import KEY_FORMAT_VERSION, KeyFileError, WatermarkKey
 from lightning_wm.verify.stats import binomial_log10_p_value, binomial_threshold
@@ -169,7 +169,7 @@ class DAWNKey(WatermarkKey):
             raise ValueError("the DAWN key has logged no watermark queries: serve the model through DAWNHead first")
         k = int(self.config["num_classes"])
         predicted, queries = query_labels(suspect, inputs)
-        probe_predicted, probe_queries = query_labels(suspect, self.tensors["probe_inputs"])
+        undecidable, probe_queries, _ = probe(suspect, self.tensors["probe_inputs"], self.tensors["probe_labels"], k)
         hits, total, chance = int((predicted.cpu() == labels).sum()), len(labels), 1.0 / (k - 1)
         return Verdict.decide(
             scheme=self.scheme,
@@ -179,7 +179,7 @@ class DAWNKey(WatermarkKey):
             alpha=alpha,
             threshold=binomial_threshold(total, chance, alpha) / total,
             higher_is_watermarked=True,
-            undecidable=degenerate_reason(probe_predicted, self.tensors["probe_labels"], k),
+            undecidable=undecidable,
             queries=queries + probe_queries,
             null="the changed label is keyed, uniform on the K-1 wrong classes: agreement <= 1/(K-1) (binomial)",
             details={"hits": hits, "watermark_queries": total, "chance": chance},
