@@ -1,6 +1,7 @@
-"""The benchmark's cells as Ray tasks: the table of one process from two local workers: the same cells, outcomes
-and false-accusation counts (the accuracies differ by the floating-point order of another process: measured up
-to 4 points on these 3-epoch width-8 models)."""
+"""The benchmark's cells as Ray tasks: the table of one process from two local workers: the same cells, outcomes,
+false-accusation counts and accuracies (both benchmarks start from the same template weights: the benchmark
+trains copies of the template, so a template drawn at another point of the global random stream is another
+experiment)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # Ray's 
 
 
 def _benchmark(output_dir) -> Benchmark:
+    torch.manual_seed(0)
     model = ImageClassifier(SmallCNN(width=8), num_classes=10, optimizer=partial(torch.optim.Adam, lr=3e-3))
     return Benchmark(
         model,
@@ -48,7 +50,8 @@ def test_two_ray_workers_give_the_table_of_one_process(tmp_path, monkeypatch) ->
     keep = ("scheme", "attack", "status", "fp_clean", "fp_other_schemes", "fp_untrained", "fp_collapsed")
     assert [{k: r.get(k) for k in keep} for r in parallel] == [{k: r.get(k) for k in keep} for r in sequential]
     for one, two in zip(sequential, parallel, strict=True):
-        assert abs(one["acc_after"] - two["acc_after"]) < 0.1, (one, two)
+        for column in ("baseline_acc", "acc_before", "acc_after"):
+            assert one[column] == pytest.approx(two[column], abs=0.02), (column, one, two)
     assert len(list((tmp_path / "two" / "cells").glob("*.json"))) == len(
         list((tmp_path / "one" / "cells").glob("*.json"))
     )
