@@ -507,7 +507,7 @@ def test_a_key_chosen_to_fit_an_innocent_model_is_refused(
     key = marked(name).key
     derived = key.check_derivation(dm)
     if not derived:  # trained pieces (a detector, calibrated projections, gradients): verify says it proves less
-        assert name in ("usp", "csp", "toy_sign", "frontier_stitching"), f"{name}: its key cannot be re-derived"
+        assert name in ("usp", "csp", "toy_sign", *FROM_GRADIENTS), f"{name}: its key cannot be re-derived"
         return
     innocent = _clean(100, example_outputs(name), dm)
     forged = _forge(key, innocent, dm)
@@ -539,13 +539,30 @@ def test_grinding_seeds_does_not_reach_the_dispute_level(name: str, dm: DigitsDa
     assert best > 1e-5, "100 draws of a valid p-value rarely go below 1e-4"
 
 
-NOT_GROUND = ("usp", "csp", "frontier_stitching")
+FROM_GRADIENTS = ("frontier_stitching", "blackmarks")
+"""Schemes whose key samples are adversarial examples of the model being marked: not derivable from a seed."""
+
+NOT_GROUND = ("usp", "csp", *FROM_GRADIENTS)
 """Schemes whose key creation trains models or needs the model's gradients: a thousand keys are out of reach here.
 Their keys are reported as not checkable against a seed, and their verdicts say that they prove less."""
 
+RANK_FLOORED = ("ewe",)
+"""Schemes whose rank p-value cannot go below ``1 / (N + 1)`` (N null secrets), above the dispute level by
+construction: no seed a forger grinds reaches it (checked directly below, not by a thousand keys)."""
+
+
+@pytest.mark.parametrize("name", RANK_FLOORED)
+def test_a_rank_p_value_cannot_reach_the_dispute_level(name: str, marked: Callable[[str], Marked]) -> None:
+    from lightning_wm.verify.derive import DISPUTE_ALPHA
+
+    m = marked(name)
+    verdict = m.key.verify(m.model, alpha=ALPHA)
+    assert verdict.is_watermarked, verdict
+    assert verdict.null_draws and verdict.p_value >= 1 / (verdict.null_draws + 1) > DISPUTE_ALPHA
+
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in SCHEMES if n not in NOT_GROUND])
+@pytest.mark.parametrize("name", [n for n in SCHEMES if n not in (*NOT_GROUND, *RANK_FLOORED)])
 def test_grinding_a_thousand_seeds_does_not_reach_the_dispute_level(name: str, dm: DigitsDataModule) -> None:
     from lightning_wm.verify.derive import DISPUTE_ALPHA
 

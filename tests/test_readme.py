@@ -51,6 +51,7 @@ def _run(tmp_path: Path, blocks: list[tuple[str, str]]) -> None:
                 assert ": WATERMARKED" in result.stdout, result.stdout
 
 
+@pytest.mark.slow  # two minutes on 2 cores: in the second step of .ci/run, beside the main job
 def test_every_runnable_block_of_the_readme_runs_as_written(tmp_path):
     blocks = _blocks(None)
     assert len(blocks) >= 5

@@ -2,10 +2,12 @@
 
 from lightning_wm.watermarks.abstract import AbstractTrigger
 from lightning_wm.watermarks.base import WatermarkScheme, resolve_layer
+from lightning_wm.watermarks.blackmarks import BlackMarksKey, BlackMarksTrigger, BlackMarksWatermark
 from lightning_wm.watermarks.csp import CSPKey, CSPWatermark
 from lightning_wm.watermarks.dawn import DAWNHead, DAWNKey, DAWNWatermark
 from lightning_wm.watermarks.deepmarks import DeepMarksKey, DeepMarksWatermark
 from lightning_wm.watermarks.deepsigns import DeepSignsKey, DeepSignsWatermark
+from lightning_wm.watermarks.ewe import EWEKey, EWEWatermark
 from lightning_wm.watermarks.frontier_stitching import (
     FrontierStitchingKey,
     FrontierStitchingWatermark,
@@ -19,6 +21,9 @@ from lightning_wm.watermarks.usp import USPKey, USPWatermark
 
 __all__ = [
     "AbstractTrigger",
+    "BlackMarksKey",
+    "BlackMarksTrigger",
+    "BlackMarksWatermark",
     "CSPKey",
     "CSPWatermark",
     "ContentTrigger",
@@ -29,6 +34,8 @@ __all__ = [
     "DeepMarksWatermark",
     "DeepSignsKey",
     "DeepSignsWatermark",
+    "EWEKey",
+    "EWEWatermark",
     "FrontierStitchingKey",
     "FrontierStitchingWatermark",
     "FrontierTrigger",

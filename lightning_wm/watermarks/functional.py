@@ -1,7 +1,9 @@
-"""Pure functions behind CSP and USP (Chien & Shen 2022), kept apart from the callbacks the torchmetrics way.
+"""Pure functions behind CSP and USP (Chien & Shen 2022) and EWE (Jia et al. 2021), kept apart from the callbacks
+the torchmetrics way.
 
 CSP's keyed cosine follows CosWM (Charette et al., AAAI 2022); USP's detector follows the paired-detector reading
-of Chien & Shen's abstract built on Nasty Teacher (Ma et al., ICLR 2021). Nothing here holds state or trains.
+of Chien & Shen's abstract built on Nasty Teacher (Ma et al., ICLR 2021); EWE entangles with Frosst et al.'s soft
+nearest neighbour loss (ICML 2019). Nothing here holds state or trains.
 """
 
 from __future__ import annotations
@@ -119,3 +121,25 @@ def nasty_teacher_divergence(logits: Tensor, reference_logits: Tensor, temperatu
     log_p = F.log_softmax(logits.float() / temperature, dim=-1)
     log_q = F.log_softmax(reference_logits.float() / temperature, dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def soft_nearest_neighbor_loss(features: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """Frosst et al.'s soft nearest neighbour loss (SNNL) of ``features`` ``(N, ...)`` under ``labels`` ``(N,)``:
+    ``−mean_i log(Σ_{j≠i, y_j=y_i} e^{−d_ij/T} / Σ_{k≠i} e^{−d_ik/T})``, ``d`` the squared Euclidean distance.
+
+    High when the classes are entangled (a point's neighbours are as often of the other class), low when they are
+    apart. The distances are divided by their (detached) mean, so that ``temperature`` does not depend on the
+    layer's scale; rows without a neighbour of their own class are left out. Computed in log space.
+    """
+    flat = features.flatten(1).float()
+    distances = torch.cdist(flat, flat).pow(2)
+    distances = distances / distances.detach().mean().clamp_min(1e-12)
+    logits = -distances / temperature
+    eye = torch.eye(len(flat), dtype=torch.bool, device=flat.device)
+    same = (labels[:, None] == labels[None, :]) & ~eye
+    keep = same.any(dim=1)
+    if not bool(keep.any()):
+        return flat.new_zeros(())
+    numerator = torch.logsumexp(logits.masked_fill(~same, -math.inf), dim=1)
+    denominator = torch.logsumexp(logits.masked_fill(eye, -math.inf), dim=1)
+    return -(numerator - denominator)[keep].mean()
