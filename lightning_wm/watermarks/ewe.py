@@ -185,7 +185,8 @@ class EWEWatermark(TriggerSetWatermark):
 
     The paper's settings (MNIST / Fashion-MNIST): source class 1 (here drawn from the key's secret unless given),
     target class 7, SNNL at three hidden layers, a watermark-to-task batch ratio and a temperature per layer that
-    the paper optimises; here the temperature is fixed and scale-free (distances divided by their mean, see
+    the paper optimises; here the temperature is fixed and the features L2-normalised (maximising the SNNL of raw
+    features also pushes the watermarked images apart without bound, which destabilised training on digits; see
     :func:`~lightning_wm.watermarks.functional.soft_nearest_neighbor_loss`), and the keys are mixed into each
     batch. The stamp is ``stamp_size`` of the image width, its pixels and position secret (the paper picks the
     position by saliency on a trained model).
@@ -200,6 +201,9 @@ class EWEWatermark(TriggerSetWatermark):
         temperature: the SNNL temperature.
         stamp_size: width of the secret stamp as a fraction of the image width.
         null_triggers: null triggers the rank p-value uses (its resolution is ``1 / (N + 1)``).
+        move_target: let the SNNL term move the target class's features too, as the paper does; by default they
+            are held (detached) and only the watermarked images' features move toward them, which costs the task
+            less.
         num_keys, num_verify, keys_per_batch, key_ratio, num_probes, key_path, seed, alpha, name: see
             :class:`~lightning_wm.watermarks.TriggerSetWatermark` (``num_verify`` fresh source images).
     """
@@ -211,10 +215,11 @@ class EWEWatermark(TriggerSetWatermark):
         source_class: int | None = None,
         target_class: int | None = None,
         layers: list[str] | None = None,
-        snnl_weight: float = 1.0,
+        snnl_weight: float = 0.1,
         temperature: float = 1.0,
         stamp_size: float = 0.25,
         null_triggers: int = 499,
+        move_target: bool = False,
         num_keys: int = 100,
         num_verify: int = 50,
         keys_per_batch: int | None = None,
@@ -252,6 +257,7 @@ class EWEWatermark(TriggerSetWatermark):
         self.temperature = temperature
         self.stamp_size = stamp_size
         self.null_triggers = null_triggers
+        self.move_target = move_target
         self._handles: list[RemovableHandle] = []
         self._features: dict[str, Tensor] = {}
         self._key_rows: tuple[int, int] | None = None
@@ -389,6 +395,14 @@ class EWEWatermark(TriggerSetWatermark):
         batch[0] = torch.cat([batch[0], negatives.to(x.dtype)])
         batch[1] = torch.cat([batch[1], y[pick]])
 
+    def _anchored(self, features: Tensor, is_key: Tensor) -> Tensor:
+        """The features, the target class's detached unless ``move_target``: the key images are pulled into the
+        target class's region, which stays where the task put it."""
+        if self.move_target:
+            return features
+        mask = is_key.view(-1, *([1] * (features.dim() - 1)))
+        return torch.where(mask, features, features.detach())
+
     def training_loss(self, pl_module: L.LightningModule, batch: Any, output: Any) -> Tensor | None:
         if self._key_rows is None or not self._features or self.snnl_weight == 0:
             return None
@@ -400,7 +414,7 @@ class EWEWatermark(TriggerSetWatermark):
         if int((rows & ~is_key).sum()) < 1:
             return None
         terms = [
-            soft_nearest_neighbor_loss(features[rows], is_key[rows], self.temperature)
+            soft_nearest_neighbor_loss(self._anchored(features, is_key)[rows], is_key[rows], self.temperature)
             for features in self._features.values()
             if len(features) == len(labels)
         ]

@@ -125,15 +125,16 @@ def nasty_teacher_divergence(logits: Tensor, reference_logits: Tensor, temperatu
 
 def soft_nearest_neighbor_loss(features: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
     """Frosst et al.'s soft nearest neighbour loss (SNNL) of ``features`` ``(N, ...)`` under ``labels`` ``(N,)``:
-    ``−mean_i log(Σ_{j≠i, y_j=y_i} e^{−d_ij/T} / Σ_{k≠i} e^{−d_ik/T})``, ``d`` the squared Euclidean distance.
+    ``−mean_i log(Σ_{j≠i, y_j=y_i} e^{−d_ij/T} / Σ_{k≠i} e^{−d_ik/T})``.
 
     High when the classes are entangled (a point's neighbours are as often of the other class), low when they are
-    apart. The distances are divided by their (detached) mean, so that ``temperature`` does not depend on the
-    layer's scale; rows without a neighbour of their own class are left out. Computed in log space.
+    apart. ``d`` is the squared Euclidean distance between L2-normalised features (``2 − 2 cos``, in ``[0, 4]``):
+    maximising the raw loss (as EWE does) also pushes each class's points apart, which on raw features grows them
+    without bound; on the unit sphere it cannot, and ``temperature`` keeps one meaning at every layer. Rows without
+    a neighbour of their own class are left out. Computed in log space.
     """
-    flat = features.flatten(1).float()
-    distances = torch.cdist(flat, flat).pow(2)
-    distances = distances / distances.detach().mean().clamp_min(1e-12)
+    flat = F.normalize(features.flatten(1).float(), dim=1)
+    distances = (2.0 - 2.0 * flat @ flat.t()).clamp_min(0.0)
     logits = -distances / temperature
     eye = torch.eye(len(flat), dtype=torch.bool, device=flat.device)
     same = (labels[:, None] == labels[None, :]) & ~eye

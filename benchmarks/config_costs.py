@@ -1,0 +1,92 @@
+"""The shipped configs against their baseline: test accuracy of ``configs/<dataset>/<name>.yaml`` and of
+``baseline.yaml`` at the same seeds, and the final model's verdict, through the README's own commands.
+
+    python benchmarks/config_costs.py --dataset digits --seeds 0 1 2 --configs uchida content ewe
+
+For each seed it runs, in a fresh working directory, ``lightning-wm fit`` of the baseline, then ``fit``,
+``test`` and ``verify`` of each config (a config with ``pretrained`` starts from that seed's baseline, as the
+config's comment says), with ``--seed_everything`` set, and prints one Markdown row per config: accuracy per
+seed, mean minus the baseline's mean, and how many final models were declared (with the largest p-value). Extra
+``lightning-wm fit`` options for every config go after ``--``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    done = subprocess.run(
+        ["lightning-wm", *args, "--trainer.enable_progress_bar=false"], cwd=cwd, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"lightning-wm {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def _checkpoint(config: dict, cwd: Path) -> Path:
+    for callback in config["trainer"].get("callbacks", []):
+        if callback["class_path"].endswith("ModelCheckpoint"):
+            return cwd / callback["init_args"]["dirpath"] / "last.ckpt"
+    raise ValueError("the config has no ModelCheckpoint")
+
+
+def measure(dataset: str, name: str, seed: int, cwd: Path, extra: list[str]) -> dict:
+    """Fit, test and verify one config at one seed in ``cwd``; returns test accuracy and verdict."""
+    path = ROOT / "configs" / dataset / f"{name}.yaml"
+    config = yaml.safe_load(path.read_text())
+    common = ["--config", str(path), "--seed_everything", str(seed)]
+    _run(["fit", *common, *(extra if name != "baseline" else [])], cwd)
+    ckpt = _checkpoint(config, cwd)
+    out = _run(["test", "--config", str(path), "--ckpt_path", str(ckpt)], cwd)
+    accuracy = float(re.search(r"test/acc\s+([0-9.]+)", out).group(1))
+    row = {"acc": 100 * accuracy}
+    for scheme in (config.get("watermarks") or {}).values():
+        key = cwd / scheme["init_args"]["key_path"]
+        printed = _run(["verify", "--config", str(path), "--key", str(key), "--ckpt_path", str(ckpt)], cwd)
+        verdict = json.loads(printed.strip().splitlines()[-1])
+        row |= {"declared": verdict["is_watermarked"], "p": verdict["p_value"], "statistic": verdict["statistic"]}
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="digits", choices=["digits", "fashion_mnist"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--configs", nargs="+", required=True)
+    parser.add_argument("extra", nargs="*", help="options added to every config's fit (after --)")
+    args = parser.parse_args()
+    results: dict[str, dict[int, dict]] = {name: {} for name in ["baseline", *args.configs]}
+    for seed in args.seeds:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in results:
+                results[name][seed] = measure(args.dataset, name, seed, Path(tmp), args.extra)
+                print(f"# {name} seed {seed}: {results[name][seed]}", file=sys.stderr, flush=True)
+    base = sum(r["acc"] for r in results["baseline"].values()) / len(args.seeds)
+    print("| config | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean − baseline | declared |")
+    print("|---|" + "---|" * (len(args.seeds) + 2))
+    for name, rows in results.items():
+        accs = [rows[s]["acc"] for s in args.seeds]
+        mean = sum(accs) / len(accs)
+        delta = "–" if name == "baseline" else f"{mean - base:+.2f}"
+        declared = [r for r in rows.values() if "declared" in r]
+        verdicts = (
+            f"{sum(r['declared'] for r in declared)}/{len(declared)} (largest p {max(r['p'] for r in declared):.2g})"
+            if declared
+            else "–"
+        )
+        print(f"| {name} | " + " | ".join(f"{a:.2f}" for a in accs) + f" | {delta} | {verdicts} |")
+
+
+if __name__ == "__main__":
+    main()
