@@ -68,10 +68,14 @@ class WatermarkMixin:
         return [cb for cb in trainer.callbacks if isinstance(cb, WatermarkScheme)]
 
     def add_watermark_loss(self, batch: Any, output: Any) -> Any:
-        """Return ``output`` with every scheme's term added to its loss, and log each term as ``wm/<scheme>/loss``."""
+        """Return ``output`` with every scheme's term added to its loss, and log each term as ``wm/<scheme>/loss``
+        (at the steps Lightning writes, every ``log_every_n_steps``)."""
         if output is None:
             return output
         loss: Tensor = output["loss"] if isinstance(output, Mapping) else output
+        from lightning_wm.watermarks.base import logs_this_step
+
+        log = logs_this_step(self)  # type: ignore[arg-type]
         seen: dict[str, int] = {}
         for scheme in self.watermark_schemes:
             # named after the scheme (a second scheme of the same name gets a suffix), never after its key_path
@@ -82,7 +86,8 @@ class WatermarkMixin:
             scheme.loss_reached = True
             if term is None:
                 continue
-            self.log(f"wm/{label}/loss", term.detach(), on_step=True, on_epoch=False)  # type: ignore[attr-defined]
+            if log:
+                self.log(f"wm/{label}/loss", term.detach(), on_step=True, on_epoch=False)  # type: ignore[attr-defined]
             loss = loss + term
         if isinstance(output, Mapping):
             return {**output, "loss": loss}

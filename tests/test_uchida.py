@@ -254,7 +254,12 @@ def test_the_term_counts_once_per_optimizer_step_in_fp32(precision, accumulate):
     wm = UchidaWatermark(layer="net.conv2", bits=64, strength=0.5, seed=2)
     before = module.net.conv2.weight.detach().clone()
     trainer = fast_trainer(
-        max_steps=1, callbacks=[wm], accumulate_grad_batches=accumulate, precision=precision, limit_val_batches=0
+        max_steps=1,
+        callbacks=[wm],
+        accumulate_grad_batches=accumulate,
+        precision=precision,
+        limit_val_batches=0,
+        log_every_n_steps=1,  # the per-step metrics are logged at the steps Lightning writes
     )
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=16))
     w = before.clone().requires_grad_(True)

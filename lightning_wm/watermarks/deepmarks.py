@@ -31,7 +31,7 @@ from lightning_wm.verify.derive import derived_rng
 from lightning_wm.verify.keys import WatermarkKey
 from lightning_wm.verify.stats import binomial_log10_p_value, binomial_threshold
 from lightning_wm.verify.verdict import Verdict
-from lightning_wm.watermarks.base import WatermarkScheme, resolve_layer
+from lightning_wm.watermarks.base import WatermarkScheme, logs_this_step, resolve_layer
 from lightning_wm.watermarks.uchida import filter_mean, make_projection, projection_bce
 
 Design = Literal["fano", "pg2_3"]
@@ -227,7 +227,8 @@ class DeepMarksWatermark(WatermarkScheme):
             self._projection = key.tensors["projection"].float().to(weight.device)
             self._target = key.targets(self.user).float().to(weight.device)
         loss, ber = projection_bce(self._projection, self._target, weight)
-        pl_module.log(f"wm/{self.name}/ber", ber, on_step=True, on_epoch=False, prog_bar=True)
+        if logs_this_step(pl_module):
+            pl_module.log(f"wm/{self.name}/ber", ber, on_step=True, on_epoch=False, prog_bar=True)
         return self.strength * loss
 
 

@@ -30,7 +30,7 @@ from lightning_wm.verify.derive import derived_rng
 from lightning_wm.verify.keys import WatermarkKey
 from lightning_wm.verify.stats import binomial_log10_p_value, binomial_threshold
 from lightning_wm.verify.verdict import Verdict
-from lightning_wm.watermarks.base import WatermarkScheme, resolve_layer
+from lightning_wm.watermarks.base import WatermarkScheme, logs_this_step, resolve_layer
 
 
 def mean_activation(model: nn.Module, layer: nn.Module, inputs: Tensor) -> Tensor:
@@ -202,7 +202,8 @@ class DeepSignsWatermark(WatermarkScheme):
             loss = F.binary_cross_entropy_with_logits(logits, self._tensors["message"], reduction="sum")
         with torch.no_grad():
             ber = ((logits >= 0).float() != self._tensors["message"]).float().mean()
-        pl_module.log(f"wm/{self.name}/ber", ber, on_step=True, on_epoch=False, prog_bar=True)
+        if logs_this_step(pl_module):
+            pl_module.log(f"wm/{self.name}/ber", ber, on_step=True, on_epoch=False, prog_bar=True)
         return self.strength * loss / math.sqrt(self.bits)
 
 

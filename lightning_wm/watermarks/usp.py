@@ -40,7 +40,7 @@ from lightning_wm.verify.blackbox import Suspect, check_outputs, degenerate_reas
 from lightning_wm.verify.keys import WatermarkKey
 from lightning_wm.verify.stats import binomial_log10_p_value, binomial_threshold
 from lightning_wm.verify.verdict import Verdict
-from lightning_wm.watermarks.base import WatermarkScheme
+from lightning_wm.watermarks.base import WatermarkScheme, logs_this_step
 from lightning_wm.watermarks.functional import detector_features, make_detector, nasty_teacher_divergence
 
 __all__ = [
@@ -437,7 +437,8 @@ class USPWatermark(WatermarkScheme):
                 with torch.no_grad():
                     reference = self._reference(x[:rows]).float()
                 kl = nasty_teacher_divergence(logits[:rows], reference, options.temperature)
-                pl_module.log("wm/usp/kl", kl.detach(), on_step=True, on_epoch=False)
+                if logs_this_step(pl_module):
+                    pl_module.log("wm/usp/kl", kl.detach(), on_step=True, on_epoch=False)
                 loss = loss - options.divergence * options.temperature**2 * kl
         return loss
 
