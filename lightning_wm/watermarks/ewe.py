@@ -24,6 +24,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -170,6 +171,29 @@ def restamped(pixels: Tensor, stamper: ContentTrigger, rng: torch.Generator) -> 
     return torch.stack(stamped)
 
 
+MIN_VERIFY = 10
+"""Fewest fresh source images an EWE key is verified on."""
+
+
+def shares_of_source_images(available: int, num_keys: int, num_verify: int, source: int) -> tuple[int, int]:
+    """``(num_keys, num_verify)`` within the ``available`` training images of the source class: as asked when there
+    are enough, else scaled down in proportion (an attacker overwriting with its own key on its smaller split),
+    with a warning; an error below ``MIN_VERIFY`` verification images and one key."""
+    if available >= num_keys + num_verify:
+        return num_keys, num_verify
+    verify = max(MIN_VERIFY, round(available * num_verify / (num_keys + num_verify)))
+    if available - verify < 1:
+        raise ValueError(
+            f"EWE needs {num_keys + num_verify} training images of its source class {source} (num_keys + "
+            f"num_verify), at least {MIN_VERIFY + 1}; the training set has {available}: lower num_keys or num_verify"
+        )
+    rank_zero_warn(
+        f"EWE: the training set has {available} images of source class {source}, fewer than num_keys + num_verify "
+        f"= {num_keys + num_verify}: {available - verify} keys and {verify} verification images"
+    )
+    return available - verify, verify
+
+
 def draw_target(source: int, num_classes: int, rng: torch.Generator) -> int:
     """A uniformly random class other than ``source``."""
     target = int(torch.randint(0, num_classes - 1, (1,), generator=rng))
@@ -283,12 +307,8 @@ class EWEWatermark(TriggerSetWatermark):
         if not (0 <= source < num_classes and 0 <= target < num_classes):
             raise ValueError(f"source_class {source} and target_class {target} must be among the {num_classes} classes")
         pool = (labels == source).nonzero().flatten()
-        count = self.num_keys + self.num_verify
-        if len(pool) < count:
-            raise ValueError(
-                f"EWE needs {count} training images of its source class {source} (num_keys + num_verify), the "
-                f"training set has {len(pool)}: lower num_keys or num_verify"
-            )
+        num_keys, num_verify = shares_of_source_images(len(pool), self.num_keys, self.num_verify, source)
+        count = num_keys + num_verify
         chosen = pool[torch.randperm(len(pool), generator=rng)[:count]]
         shape = tuple(inputs.shape[1:])
         bits, mask = ContentTrigger(size=self.stamp_size).stamp(shape, rng)
@@ -326,11 +346,11 @@ class EWEWatermark(TriggerSetWatermark):
             },
         }
         tensors = {
-            "embed_inputs": stamped[: self.num_keys],
-            "embed_labels": target_labels[: self.num_keys],
-            "verify_inputs": stamped[self.num_keys :],
-            "verify_labels": target_labels[self.num_keys :],
-            "verify_sources": sources[self.num_keys :],
+            "embed_inputs": stamped[:num_keys],
+            "embed_labels": target_labels[:num_keys],
+            "verify_inputs": stamped[num_keys:],
+            "verify_labels": target_labels[num_keys:],
+            "verify_sources": sources[num_keys:],
             "stamp_bits": bits,
             "stamp_mask": mask,
             "pixel_range": pixel_range,
