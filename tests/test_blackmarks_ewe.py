@@ -106,3 +106,15 @@ def test_ewe_entangles_the_last_three_hidden_layers_by_default_and_names_a_missi
     assert list(EWEWatermark().entangled_modules(model)) == ["backbone.conv2", "backbone.conv3", "backbone.fc"]
     with pytest.raises(ValueError, match="no module named"):
         EWEWatermark(layers=["backbone.conv9"]).entangled_modules(model)
+
+
+def test_ewe_keys_shrink_to_the_source_images_an_attackers_split_has() -> None:
+    from lightning_wm.watermarks.ewe import MIN_VERIFY, shares_of_source_images
+
+    assert shares_of_source_images(100, 40, 30, source=1) == (40, 30)
+    with pytest.warns(UserWarning, match="fewer than num_keys"):
+        keys, verify = shares_of_source_images(45, 40, 30, source=1)
+    assert keys + verify == 45
+    assert verify >= MIN_VERIFY
+    with pytest.raises(ValueError, match="lower num_keys or num_verify"):
+        shares_of_source_images(MIN_VERIFY, 40, 30, source=1)
