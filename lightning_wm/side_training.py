@@ -16,6 +16,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from lightning_wm.models.reinit import clone_module, reinitialised_copy
 
@@ -62,13 +63,16 @@ def train_clean_models(
     trainer_kwargs: dict[str, Any] | None = None,
     lr: float = 2e-3,
     on_epoch: Callable[[int, int, nn.Module], None] | None = None,
+    batch_size: int | None = None,
 ) -> list[nn.Module]:
     """``count`` re-initialised copies of ``template`` trained ``epochs`` epochs on ``datamodule``'s training data.
 
     Copy ``i`` draws its weights and its data order from ``seed + i`` (torch's global generator is restored after),
     so the models are reproducible and independent of the caller's random state. ``on_epoch(i, epoch, model)`` is
     called before training (epoch 0, the untrained network) and after every epoch, in eval mode. The DataModule's
-    loader is used, not the DataModule itself, so a DataModule attached to a running fit stays attached to it.
+    loader is used, not the DataModule itself, so a DataModule attached to a running fit stays attached to it;
+    ``batch_size`` replaces its batch size (a key made on rank 0 of a DDP fit trains at the fit's effective batch,
+    ``batch_size × world_size``, so that the key does not depend on the number of processes).
     """
     models: list[nn.Module] = []
     hook = [_EpochHook(on_epoch)] if on_epoch is not None else []
@@ -79,7 +83,9 @@ def train_clean_models(
     log.setLevel(logging.WARNING)
     try:
         with torch.random.fork_rng(devices=[]):
-            models += [_train_one(template, datamodule, seed + i, lr, options, hook, i) for i in range(count)]
+            models += [
+                _train_one(template, datamodule, seed + i, lr, options, hook, i, batch_size) for i in range(count)
+            ]
     finally:
         log.setLevel(level)
     return models
@@ -109,12 +115,16 @@ def _train_one(
     options: dict[str, Any],
     hook: list[_EpochHook],
     index: int,
+    batch_size: int | None = None,
 ) -> nn.Module:
     if hook:
         hook[0].index = index
-    module = fit_copy(
-        CleanModel(template, lr=lr), seed, quiet_trainer(**options), train_dataloaders=datamodule.train_dataloader()
+    loader = (
+        datamodule.train_dataloader()
+        if batch_size is None
+        else DataLoader(datamodule.train_dataset, batch_size=batch_size, shuffle=True)
     )
+    module = fit_copy(CleanModel(template, lr=lr), seed, quiet_trainer(**options), train_dataloaders=loader)
     return module.backbone.eval().requires_grad_(False)
 
 

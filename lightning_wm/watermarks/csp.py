@@ -454,12 +454,13 @@ class CSPWatermark(WatermarkScheme):
         }
         key = CSPKey(config, tensors)
         if calibration.references > 0:
-            references = self._references(pl_module, datamodule, (config["null_seed"] + 1) % 2**62)
+            batch_size = int(getattr(datamodule, "batch_size", 64)) * int(getattr(trainer, "world_size", 1))
+            references = self._references(pl_module, datamodule, (config["null_seed"] + 1) % 2**62, batch_size)
             probs = [_probs(m, tensors["queries"]) for m in references]
             config["calibration_z"] = self._redraw_biased(key, probs, train_x, shape, (config["null_seed"] + 2) % 2**62)
         return CSPKey(config, dict(key.tensors))
 
-    def _references(self, pl_module: L.LightningModule, datamodule: Any, seed: int) -> list[nn.Module]:
+    def _references(self, pl_module: L.LightningModule, datamodule: Any, seed: int, batch_size: int) -> list[nn.Module]:
         base = getattr(pl_module, "backbone", None)
         if base is None:
             base = getattr(pl_module, "model", None)
@@ -477,6 +478,7 @@ class CSPWatermark(WatermarkScheme):
             seed % 2**31,
             trainer_kwargs=calibration.trainer,
             lr=calibration.lr,
+            batch_size=batch_size,
         )
 
     def _redraw_biased(
