@@ -351,7 +351,11 @@ def _assert_innocent(table: dict[str, dict]) -> None:
     assert min(row["min_p"] for row in table.values()) > 1e-5, table
 
 
-@pytest.mark.parametrize("name", SCHEMES)
+@pytest.mark.parametrize(
+    "name",
+    # the schemes whose keys need a warmed-up model (30-90 s each here) are counted in the slow populations only
+    [pytest.param(n, marks=pytest.mark.slow) if n in ("frontier_stitching", "blackmarks") else n for n in SCHEMES],
+)
 def test_no_innocent_model_is_accused(name: str, marked: Callable[[str], Marked], dm: DigitsDataModule) -> None:
     m = marked(name)
     table = _count(name, m.key, _innocents(name, dm, marked, "fast"))

@@ -29,7 +29,11 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-NAMES = ["01_owner_walkthrough.ipynb", "02_subclassing.ipynb", "03_robustness_matrix.ipynb"]
+NAMES = [
+    "01_owner_walkthrough.ipynb",
+    "02_subclassing.ipynb",
+    pytest.param("03_robustness_matrix.ipynb", marks=pytest.mark.slow),  # a minute: its benchmark trains 20 models
+]
 CELL_TIMEOUT = 300
 TOLERANCE = {"percent": 1.0, "fraction": 0.05, "log10": 1.0}
 

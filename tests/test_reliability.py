@@ -265,7 +265,10 @@ def _short_run(name: str, seed: int, dm: DigitsDataModule, **trainer_kwargs) -> 
     return scheme, scheme.verify(model.eval())
 
 
-@pytest.mark.parametrize("name", PARAMS)
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n in ("frontier_stitching", "blackmarks") else n for n in PARAMS],  # noqa: E501
+)
 def test_the_same_seed_gives_the_same_key_and_verdict(name: str, dm: DigitsDataModule) -> None:
     first, first_verdict = _short_run(name, 7, dm)
     second, second_verdict = _short_run(name, 7, dm)

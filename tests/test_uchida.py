@@ -315,6 +315,7 @@ def _verify(config: Path, key: str, checkpoint: str, capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # three CLI fits from the shipped configs
 def test_the_three_embedding_situations_run_from_their_configs(tmp_path, monkeypatch, capsys):
     """From scratch, while fine-tuning a trained model, and while distilling it: each config embeds, and
     ``lightning-wm verify`` declares its checkpoint (and not the unmarked baseline)."""

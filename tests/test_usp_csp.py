@@ -201,6 +201,7 @@ def test_usp_detector_stays_in_the_key_file_not_in_the_checkpoint(usp: tuple, tm
     assert scheme.state_dict().keys() == {"fingerprint", "key_path"}
 
 
+@pytest.mark.slow  # CLI fits from the shipped configs
 @pytest.mark.parametrize("name", ["usp", "csp"])
 def test_configs_run_through_the_cli(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
