@@ -34,7 +34,13 @@ from lightning_wm.verify.stats import empirical_p_value
 from lightning_wm.verify.verdict import Verdict
 from lightning_wm.watermarks.functional import soft_nearest_neighbor_loss
 from lightning_wm.watermarks.key_samples import ContentTrigger, training_tensors
-from lightning_wm.watermarks.trigger_set import TriggerSetKey, TriggerSetWatermark, _task_classes, probe_set
+from lightning_wm.watermarks.trigger_set import (
+    TriggerSetKey,
+    TriggerSetWatermark,
+    _task_classes,
+    differing_tensors,
+    probe_set,
+)
 
 
 def stamp_normalized(inputs: Tensor, bits: Tensor, mask: Tensor, pixel_range: Tensor) -> Tensor:
@@ -69,15 +75,7 @@ class EWEKey(TriggerSetKey):
         scheme = EWEWatermark(**options)
         scheme._secret = self.secret
         rebuilt = scheme.build_key(datamodule, int(self.config["num_classes"]))
-        names = sorted(set(rebuilt.tensors) | set(self.tensors))
-        return [
-            name
-            for name in names
-            if name not in rebuilt.tensors
-            or name not in self.tensors
-            or rebuilt.tensors[name].shape != self.tensors[name].shape
-            or not torch.equal(rebuilt.tensors[name], self.tensors[name])
-        ]
+        return differing_tensors(rebuilt.tensors, self.tensors)
 
     def null_triggers(self) -> list[tuple[Tensor, Tensor, int]]:
         """The null triggers: ``(bits, mask, target class)`` each, drawn like the owner's from ``null_seed``."""

@@ -73,15 +73,7 @@ class TriggerSetKey(WatermarkKey):
         scheme = TriggerSetWatermark(generator_class(**init), **self.config["scheme_options"])
         scheme._secret = self.secret
         rebuilt = scheme.build_key(datamodule, int(self.config["num_classes"]))
-        names = sorted(set(rebuilt.tensors) | set(self.tensors))
-        return [
-            name
-            for name in names
-            if name not in rebuilt.tensors
-            or name not in self.tensors
-            or rebuilt.tensors[name].shape != self.tensors[name].shape
-            or not torch.equal(rebuilt.tensors[name], self.tensors[name])
-        ]
+        return differing_tensors(rebuilt.tensors, self.tensors)
 
     def key_accuracy(
         self, suspect: Suspect, split: Literal["verify", "embed", "null"] = "verify"
@@ -170,6 +162,18 @@ class TriggerSetKey(WatermarkKey):
             null=null,
             details=details,
         )
+
+
+def differing_tensors(rebuilt: dict[str, Tensor], stored: dict[str, Tensor]) -> list[str]:
+    """The names of the tensors a key rebuilt from its secret and the stored key do not share exactly."""
+    return [
+        name
+        for name in sorted(set(rebuilt) | set(stored))
+        if name not in rebuilt
+        or name not in stored
+        or rebuilt[name].shape != stored[name].shape
+        or not torch.equal(rebuilt[name], stored[name])
+    ]
 
 
 def probe_set(datamodule: L.LightningDataModule, count: int, rng: torch.Generator) -> tuple[Tensor, Tensor]:
