@@ -31,7 +31,7 @@ from sklearn.cluster import KMeans
 from torch import Tensor
 
 from lightning_wm.registry import SchemeSpec
-from lightning_wm.verify.blackbox import Suspect, probe, query_labels
+from lightning_wm.verify.blackbox import Suspect, query_labels
 from lightning_wm.verify.derive import DISPUTE_ALPHA
 from lightning_wm.verify.stats import two_sample_queries_to_significance
 from lightning_wm.verify.verdict import Verdict
@@ -204,13 +204,8 @@ class BlackMarksKey(FrontierStitchingKey):
             "queries_to_significance": two_sample_queries_to_significance(accuracy, null_rate, 1e-6),
             "queries_to_dispute": two_sample_queries_to_significance(accuracy, null_rate, DISPUTE_ALPHA),
         }
-        t = self.tensors
-        undecidable, probe_queries, probe_accuracy = probe(
-            suspect, t.get("probe_inputs"), t.get("probe_labels"), int(self.config["num_classes"])
-        )
+        undecidable, probe_queries = self.probe_suspect(suspect, details)
         queries += probe_queries
-        if probe_accuracy is not None:
-            details["probe_accuracy"] = probe_accuracy
         null = (
             f"the owner's {total}-bit signature is a random half of each bit value of {total + null_total} key "
             f"images whose other half ({null_total}) was never embedded: exchangeable for a suspect that never saw "

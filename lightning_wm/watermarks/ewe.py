@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_wm.registry import SchemeSpec
-from lightning_wm.verify.blackbox import Suspect, probe, query_labels
+from lightning_wm.verify.blackbox import Suspect, query_labels
 from lightning_wm.verify.stats import empirical_p_value
 from lightning_wm.verify.verdict import Verdict
 from lightning_wm.watermarks.functional import soft_nearest_neighbor_loss
@@ -134,13 +134,8 @@ class EWEKey(TriggerSetKey):
             "verified_on": self.config["verified_on"],
             "queries_to_significance": -1,
         }
-        t = self.tensors
-        undecidable, probe_queries, probe_accuracy = probe(
-            suspect, t.get("probe_inputs"), t.get("probe_labels"), int(self.config["num_classes"])
-        )
+        undecidable, probe_queries = self.probe_suspect(suspect, details)
         queries += probe_queries
-        if probe_accuracy is not None:
-            details["probe_accuracy"] = probe_accuracy
         return Verdict.decide(
             scheme=self.scheme,
             statistic=accuracy,

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 from lightning_wm.models.reinit import clone_module
 from lightning_wm.registry import SchemeSpec
 from lightning_wm.side_training import CleanModel, quiet_trainer
-from lightning_wm.verify.blackbox import Suspect, probe, query_labels
+from lightning_wm.verify.blackbox import Suspect, query_labels
 from lightning_wm.verify.derive import DISPUTE_ALPHA
 from lightning_wm.verify.stats import two_sample_queries_to_significance
 from lightning_wm.verify.verdict import Verdict
@@ -241,13 +241,8 @@ class FrontierStitchingKey(TriggerSetKey):
             "queries_to_significance": two_sample_queries_to_significance(accuracy, null_rate, 1e-6),
             "queries_to_dispute": two_sample_queries_to_significance(accuracy, null_rate, DISPUTE_ALPHA),
         }
-        t = self.tensors
-        undecidable, probe_queries, probe_accuracy = probe(
-            suspect, t.get("probe_inputs"), t.get("probe_labels"), int(self.config["num_classes"])
-        )
+        undecidable, probe_queries = self.probe_suspect(suspect, details)
         queries += probe_queries
-        if probe_accuracy is not None:
-            details["probe_accuracy"] = probe_accuracy
         null = (
             f"the owner's {total} frontier samples are a random half of each kind (true / false adversaries) of a "
             f"frontier set whose other half ({null_total}) was never embedded: exchangeable for a suspect that never "

@@ -75,6 +75,17 @@ class TriggerSetKey(WatermarkKey):
         rebuilt = scheme.build_key(datamodule, int(self.config["num_classes"]))
         return differing_tensors(rebuilt.tensors, self.tensors)
 
+    def probe_suspect(self, suspect: Suspect, details: dict[str, Any]) -> tuple[str | None, int]:
+        """Query the suspect on the key's clean probes: why it is degenerate (or None) and the queries spent; its
+        accuracy on them goes into ``details["probe_accuracy"]``."""
+        t = self.tensors
+        undecidable, queries, accuracy = probe(
+            suspect, t.get("probe_inputs"), t.get("probe_labels"), int(self.config["num_classes"])
+        )
+        if accuracy is not None:
+            details["probe_accuracy"] = accuracy
+        return undecidable, queries
+
     def key_accuracy(
         self, suspect: Suspect, split: Literal["verify", "embed", "null"] = "verify"
     ) -> tuple[float, int, int]:
@@ -143,13 +154,8 @@ class TriggerSetKey(WatermarkKey):
                 "queries_to_significance": queries_to_significance(accuracy, chance, 1e-6),
                 "queries_to_dispute": queries_to_significance(accuracy, chance, DISPUTE_ALPHA),
             }
-        t = self.tensors
-        undecidable, probe_queries, probe_accuracy = probe(
-            suspect, t.get("probe_inputs"), t.get("probe_labels"), int(self.config["num_classes"])
-        )
+        undecidable, probe_queries = self.probe_suspect(suspect, details)
         queries += probe_queries
-        if probe_accuracy is not None:
-            details["probe_accuracy"] = probe_accuracy
         return Verdict.decide(
             scheme=self.scheme,
             statistic=accuracy,
