@@ -55,6 +55,25 @@ def test_queries_to_significance():
     assert queries_to_significance(0.05, 0.1) == -1
 
 
+def _scanned(significant, most: int) -> int:
+    return next((n for n in range(1, most + 1) if significant(n)), -1)
+
+
+@pytest.mark.parametrize(("rate_a", "rate_b"), [(1.0, 0.0), (0.9, 0.1), (0.8, 0.2), (0.6, 0.1), (0.3, 0.2)])
+def test_two_sample_queries_are_those_a_scan_finds(rate_a: float, rate_b: float) -> None:
+    """Doubling and a short scan give a scan's answer for small counts; bisection keeps large ones within 3%."""
+    from lightning_wm.verify.stats import fisher_exact_log10_p_value, two_sample_queries_to_significance
+
+    def significant(n: int) -> bool:
+        hits_a, hits_b = math.floor(rate_a * n + 1e-9), min(n, math.ceil(rate_b * n - 1e-9))
+        return hits_a > hits_b and fisher_exact_log10_p_value(hits_a, n, hits_b, n) < -6
+
+    scanned = 2 * _scanned(significant, 10_000)
+    found = two_sample_queries_to_significance(rate_a, rate_b, 1e-6)
+    assert found == scanned if scanned <= 512 else abs(found - scanned) <= 0.03 * scanned
+    assert two_sample_queries_to_significance(0.31, 0.30, 1e-6) == -1, "more than the 20,000 allowed"
+
+
 def test_empirical_and_normal_null():
     null = [0.10, 0.12, 0.08, 0.11, 0.09]
     assert empirical_p_value(0.95, null) == pytest.approx(1 / 6)
