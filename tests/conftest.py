@@ -1,5 +1,10 @@
 """Shared fixtures: fast Trainers on the bundled digits data, the registered schemes' examples embedded once per
-module (``marked``), and the test-only plugin scheme; nothing touches the network."""
+module (``marked``), and the test-only plugin scheme; nothing touches the network.
+
+``LIGHTNING_WM_SUITE_DATA=fashion_mnist`` runs the suites that take the ``dm`` fixture (the conformance and
+false-accusation suites) on a 6,000-image subset of Fashion-MNIST (28×28) instead of digits (8×8); it needs
+Debian's ``dataset-fashion-mnist``.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
 from lightning_wm import ImageClassifier, registry
-from lightning_wm.data import DigitsDataModule
+from lightning_wm.data import DigitsDataModule, FashionMNISTDataModule
 from lightning_wm.models import SmallCNN
 from lightning_wm.verify import WatermarkKey
 from lightning_wm.watermarks import WatermarkScheme
@@ -40,10 +45,35 @@ def fast_trainer(max_epochs: int = 1, callbacks: list | None = None, **kwargs) -
     return L.Trainer(**options)
 
 
+SUITE_DATA = os.environ.get("LIGHTNING_WM_SUITE_DATA", "digits")
+
+
+class FashionMNISTSubset(FashionMNISTDataModule):
+    """The first 6,000 training and 2,000 test images of Fashion-MNIST: a digits-sized epoch of real 28×28 images,
+    so the suites' examples train in seconds."""
+
+    def load(self):
+        train_x, train_y, test_x, test_y = super().load()
+        return train_x[:6000], train_y[:6000], test_x[:2000], test_y[:2000]
+
+
+def suite_datamodule(**kwargs) -> DigitsDataModule | FashionMNISTSubset:
+    """The suites' data: digits, or the Fashion-MNIST subset when ``LIGHTNING_WM_SUITE_DATA=fashion_mnist``."""
+    if SUITE_DATA == "fashion_mnist":
+        return FashionMNISTSubset(download=False, **kwargs)
+    if SUITE_DATA != "digits":
+        raise ValueError(f"LIGHTNING_WM_SUITE_DATA must be digits or fashion_mnist, got {SUITE_DATA!r}")
+    return DigitsDataModule(**kwargs)
+
+
+def suite_pixels() -> int:
+    return 28 * 28 if SUITE_DATA == "fashion_mnist" else 8 * 8
+
+
 @pytest.fixture(scope="module")
 def dm():
-    """One digits DataModule per test module (its split is seeded, so sharing it changes nothing)."""
-    return DigitsDataModule(batch_size=64)
+    """One DataModule per test module (its split is seeded, so sharing it changes nothing)."""
+    return suite_datamodule(batch_size=64)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,15 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import Marked, embed_example, example_model, example_outputs, example_scheme, fast_trainer
+from conftest import (
+    Marked,
+    embed_example,
+    example_model,
+    example_outputs,
+    example_scheme,
+    fast_trainer,
+    suite_pixels,
+)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.nn.utils import prune
@@ -48,7 +56,7 @@ ATTACKS = sorted(registry.attacks())
 def _clean(seed: int, outputs: int, dm: DigitsDataModule, architecture: str = "cnn") -> ImageClassifier:
     """An unmarked model (trained once per test module and shared by every scheme's innocent populations)."""
     L.seed_everything(seed)
-    backbone = SmallCNN(1, outputs, WIDTH) if architecture == "cnn" else MLP(64, outputs)
+    backbone = SmallCNN(1, outputs, WIDTH) if architecture == "cnn" else MLP(suite_pixels(), outputs)
     model = ImageClassifier(backbone, num_classes=10)
     fast_trainer(3, limit_val_batches=0).fit(model, dm)
     return model.eval()
