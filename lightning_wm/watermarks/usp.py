@@ -16,6 +16,12 @@ the standardised logits, so its decision does not depend on the softmax temperat
 The clean models D learns to reject, and the held-out ones that set the null, are trained before embedding and
 include every stage of their training (the untrained network first) and magnitude-pruned copies, so that an
 untrained or a collapsed network is among what D has learned to call clean.
+
+Limit: D learns "this model's outputs against clean ones", and the null holds clean references only, so a model
+marked with another owner's USP key, whose outputs are also pushed away from clean ones, can be declared (4 of 10
+on Fashion-MNIST in the false-accusation suite, 0 of 10 on digits; README, Guarantees). A USP verdict shows that a
+suspect carries a USP mark, not whose; the fix is to add models marked with other USP keys to D's negatives and to
+the null, as CSP ranks its customer among null projections.
 """
 
 from __future__ import annotations
@@ -114,7 +120,8 @@ class USPKey(WatermarkKey):
             queries=queries,
             undecidable=undecidable,
             null=f"a clean model's outputs are flagged with probability {null_rate:.3g} (binomial; the largest "
-            "rate of held-out clean references, trained, untrained or pruned, of comparable accuracy, plus a margin)",
+            "rate of held-out clean references, trained, untrained or pruned, of comparable accuracy, plus a margin); "
+            "another owner's USP-marked model is not in this null and can be flagged too",
             details={
                 "flagged": hits,
                 "query_accuracy": accuracy,
