@@ -92,6 +92,17 @@ def one_thread():
 WIDTH = 8
 
 
+FROM_GRADIENTS = ("frontier_stitching", "blackmarks")
+"""Schemes whose key samples are adversarial examples of the model being marked, made after a warm-up: not
+derivable from a seed, and their examples take the longest to embed."""
+
+
+def slow_if_from_gradients(names: list[str]) -> list:
+    """``names`` as parameters, the :data:`FROM_GRADIENTS` ones marked slow (their warm-up makes every embedding
+    the longest of the suite; their counts over the larger slow populations run there anyway)."""
+    return [pytest.param(n, marks=pytest.mark.slow) if n in FROM_GRADIENTS else n for n in names]
+
+
 def example_scheme(name: str, seed: int | None, key_path: Path | None = None) -> WatermarkScheme:
     return registry.scheme(name).example(seed=seed, key_path=None if key_path is None else str(key_path))
 

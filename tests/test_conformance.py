@@ -26,12 +26,14 @@ import lightning as L
 import pytest
 import torch
 from conftest import (
+    FROM_GRADIENTS,
     Marked,
     embed_example,
     example_model,
     example_outputs,
     example_scheme,
     fast_trainer,
+    slow_if_from_gradients,
     suite_pixels,
 )
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -359,11 +361,7 @@ def _assert_innocent(table: dict[str, dict]) -> None:
     assert min(row["min_p"] for row in table.values()) > 1e-5, table
 
 
-@pytest.mark.parametrize(
-    "name",
-    # the schemes whose keys need a warmed-up model (30-90 s each here) are counted in the slow populations only
-    [pytest.param(n, marks=pytest.mark.slow) if n in ("frontier_stitching", "blackmarks") else n for n in SCHEMES],
-)
+@pytest.mark.parametrize("name", slow_if_from_gradients(SCHEMES))
 def test_no_innocent_model_is_accused(name: str, marked: Callable[[str], Marked], dm: DigitsDataModule) -> None:
     m = marked(name)
     table = _count(name, m.key, _innocents(name, dm, marked, "fast"))
@@ -550,9 +548,6 @@ def test_grinding_seeds_does_not_reach_the_dispute_level(name: str, dm: DigitsDa
     assert best > DISPUTE_ALPHA
     assert best > 1e-5, "100 draws of a valid p-value rarely go below 1e-4"
 
-
-FROM_GRADIENTS = ("frontier_stitching", "blackmarks")
-"""Schemes whose key samples are adversarial examples of the model being marked: not derivable from a seed."""
 
 NOT_GROUND = ("usp", "csp", *FROM_GRADIENTS)
 """Schemes whose key creation trains models or needs the model's gradients: a thousand keys are out of reach here.

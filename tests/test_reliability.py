@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import WIDTH, ExitingDDPSpawn, Marked, example_model, example_scheme, fast_trainer
+from conftest import WIDTH, ExitingDDPSpawn, Marked, example_model, example_scheme, fast_trainer, slow_if_from_gradients
 
 from lightning_wm import ImageClassifier, registry
 from lightning_wm.attacks import DistillationAttack, EvasionAttack, FineTuneAttack, OverwriteAttack, PruneAttack
@@ -265,10 +265,7 @@ def _short_run(name: str, seed: int, dm: DigitsDataModule, **trainer_kwargs) -> 
     return scheme, scheme.verify(model.eval())
 
 
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=pytest.mark.slow) if n in ("frontier_stitching", "blackmarks") else n for n in PARAMS],  # noqa: E501
-)
+@pytest.mark.parametrize("name", slow_if_from_gradients(PARAMS))
 def test_the_same_seed_gives_the_same_key_and_verdict(name: str, dm: DigitsDataModule) -> None:
     first, first_verdict = _short_run(name, 7, dm)
     second, second_verdict = _short_run(name, 7, dm)
