@@ -17,6 +17,9 @@ from lightning_wm.watermarks.functional import (
     rank_p_value,
     smooth_projections,
     standardised_phase,
+    tail_pattern_alignment,
+    tail_pattern_z,
+    tail_residuals,
 )
 
 
@@ -101,3 +104,41 @@ def test_nasty_teacher_divergence_is_zero_against_itself_and_positive_otherwise(
     z = torch.randn(8, 10)
     assert float(nasty_teacher_divergence(z, z, 4.0)) < 1e-6
     assert float(nasty_teacher_divergence(z, torch.randn(8, 10), 4.0)) > 0
+
+
+def test_tail_residuals_leave_out_the_top_class_and_are_centred() -> None:
+    log_probs = torch.log_softmax(torch.randn(30, 10) * 3, -1)
+    tails = tail_residuals(log_probs)
+    assert torch.all(tails.gather(1, log_probs.argmax(-1, keepdim=True)) == 0)
+    assert torch.allclose(tails.sum(-1), torch.zeros(30), atol=1e-5)
+
+
+def test_tail_pattern_z_is_standard_normal_over_secrets_for_a_fixed_suspect() -> None:
+    """USP's owner-specific null: whatever the suspect answers, z over draws of S is N(0, 1)."""
+    generator = torch.Generator().manual_seed(0)
+    suspects = {
+        "skewed": torch.log_softmax(torch.randn(200, 10) * 3 + torch.arange(10.0), -1),
+        "marked by another pattern": torch.log_softmax(_follows(torch.randn(10, 10), 200), -1),
+    }
+    for name, log_probs in suspects.items():
+        z = torch.tensor([tail_pattern_z(log_probs, torch.randn(10, 10, generator=generator)) for _ in range(4000)])
+        assert abs(float(z.mean())) < 0.06, name
+        assert abs(float(z.std()) - 1.0) < 0.05, name
+        assert float((z > 2.326).float().mean()) < 0.016, name
+    assert tail_pattern_z(torch.full((50, 10), 0.1).log(), torch.randn(10, 10)) == 0.0
+
+
+def test_a_model_whose_tails_follow_the_pattern_gets_a_large_z_and_alignment() -> None:
+    pattern = torch.randn(10, 10)
+    log_probs = torch.log_softmax(_follows(pattern, 300), -1)
+    assert tail_pattern_z(log_probs, pattern) > 6.0
+    assert float(tail_pattern_alignment(log_probs, pattern).mean()) > 0.5
+    assert abs(tail_pattern_z(log_probs, torch.randn(10, 10))) < 4.0
+
+
+def _follows(pattern: torch.Tensor, rows: int) -> torch.Tensor:
+    """Logits of ``rows`` inputs whose top class is random and whose other classes follow that class's row."""
+    top = torch.randint(0, 10, (rows,))
+    logits = torch.randn(rows, 10) + pattern[top]
+    logits[torch.arange(rows), top] += 10.0
+    return logits

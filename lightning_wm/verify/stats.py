@@ -87,6 +87,11 @@ def _fewest(significant: Callable[[int], bool], most: int) -> int:
     return high
 
 
+def normal_log10_sf(z: float) -> float:
+    """log10 of the standard normal's upper tail ``P[N(0, 1) >= z]``, finite far past where the tail underflows."""
+    return float(stats.norm.logsf(z)) / math.log(10.0)
+
+
 def empirical_p_value(score: float, null_scores: Sequence[float], higher_is_watermarked: bool = True) -> float:
     """Rank p-value ``(1 + #{null >= score}) / (1 + n)``: exact (a permutation test) when the null scores are the
     same suspect's scores under secrets drawn like the owner's (verdicts.md), with resolution ``1 / (n + 1)``."""

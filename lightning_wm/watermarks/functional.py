@@ -105,6 +105,39 @@ def detector_features(log_probs: Tensor) -> Tensor:
     return lp / lp.std(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
+def tail_residuals(log_probs: Tensor) -> Tensor:
+    """Each row's :func:`detector_features` without its top class, centred over the other K − 1 (the top set to 0).
+
+    The tail of an output distribution carries almost no probability mass, so a model can shape it at almost no
+    cost to its top-1 accuracy, and a student distilled on soft labels copies it.
+    """
+    features = detector_features(log_probs)
+    top = features.argmax(-1, keepdim=True)
+    tail = features.scatter(1, top, 0.0)
+    tail = tail - tail.sum(-1, keepdim=True) / (features.shape[-1] - 1)
+    return tail.scatter(1, top, 0.0)
+
+
+def tail_pattern_alignment(log_probs: Tensor, pattern: Tensor) -> Tensor:
+    """Per row, the cosine between its :func:`tail_residuals` and the secret pattern's row of its top class: what
+    USP's loss term raises."""
+    tails = tail_residuals(log_probs)
+    return F.cosine_similarity(tails, pattern.to(tails)[log_probs.detach().argmax(-1)], dim=-1)
+
+
+def tail_pattern_z(log_probs: Tensor, pattern: Tensor) -> float:
+    """USP's owner-specific statistic: z = ⟨M, S⟩ / ‖M‖ with M[c] the sum of the tails of the rows whose top class
+    is c and S the secret (K, K) pattern of independent standard normals.
+
+    Given the suspect's outputs, ⟨M, S⟩ is normal with variance ‖M‖² over the draw of S, so z is exactly N(0, 1)
+    for any suspect that never saw S (a constant predictor gives M = 0, and z = 0).
+    """
+    tails = tail_residuals(log_probs.float())
+    totals = torch.zeros(pattern.shape, dtype=tails.dtype).index_add_(0, log_probs.argmax(-1), tails)
+    norm = float(totals.norm())
+    return 0.0 if norm == 0.0 else float((totals * pattern.float()).sum()) / norm
+
+
 def make_detector(num_classes: int, hidden: Sequence[int]) -> nn.Sequential:
     """USP's detector D: an MLP from the K standardised log-probabilities to one logit (positive: watermarked)."""
     layers: list[nn.Module] = []
