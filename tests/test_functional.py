@@ -106,11 +106,16 @@ def test_nasty_teacher_divergence_is_zero_against_itself_and_positive_otherwise(
     assert float(nasty_teacher_divergence(z, torch.randn(8, 10), 4.0)) > 0
 
 
-def test_tail_residuals_leave_out_the_top_class_and_are_centred() -> None:
+def test_tail_residuals_leave_out_the_top_class_and_the_runner_up_and_are_centred() -> None:
     log_probs = torch.log_softmax(torch.randn(30, 10) * 3, -1)
     tails = tail_residuals(log_probs)
-    assert torch.all(tails.gather(1, log_probs.argmax(-1, keepdim=True)) == 0)
+    two = log_probs.topk(2, dim=-1).indices
+    assert torch.all(tails.gather(1, two) == 0)
     assert torch.allclose(tails.sum(-1), torch.zeros(30), atol=1e-5)
+    assert torch.all((tails != 0).sum(-1) == 8)
+    labels = torch.randint(0, 10, (30,))
+    given = tail_residuals(log_probs, labels)
+    assert torch.all(given.gather(1, labels.view(-1, 1)) == 0)
 
 
 def test_tail_pattern_z_is_standard_normal_over_secrets_for_a_fixed_suspect() -> None:

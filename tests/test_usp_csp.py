@@ -330,3 +330,42 @@ def test_csp_null_projections_drawn_in_chunks_score_like_one_draw(csp: tuple) ->
     assert len(whole) == int(key.config["null_keys"])
     many = CSPKey({**key.config, "null_keys": 70_000}, key.tensors)
     assert len(many.null_scores(probs, x, "alice")) == 70_000
+
+
+class _TailsFollow(torch.nn.Module):
+    """A suspect that answers each known query with its label on top and the other classes following ``pattern``
+    (a model marked with that USP pattern, as far as the verdict can see)."""
+
+    def __init__(self, queries: torch.Tensor, labels: torch.Tensor, pattern: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("queries", queries.flatten(1))
+        logits = pattern[labels] + torch.randn(len(labels), 10, generator=torch.Generator().manual_seed(0))
+        logits[torch.arange(len(labels)), labels] = 8.0
+        self.register_buffer("answers", logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.answers[torch.cdist(x.flatten(1).float(), self.queries).argmin(-1)]
+
+
+def test_a_usp_detector_that_flags_everything_declares_only_the_owners_pattern(dm: DigitsDataModule) -> None:
+    """Every owner's detector also flags other owners' USP models; the secret pattern is what decides whose."""
+    from lightning_wm.watermarks.functional import make_detector
+
+    detector = make_detector(10, (4,))
+    torch.nn.init.zeros_(detector[-1].weight)
+    torch.nn.init.constant_(detector[-1].bias, 10.0)
+    queries, labels = dm.dataset("defender").tensors[0][:300], dm.dataset("defender").tensors[1][:300]
+    owner, other = torch.randn(10, 10, generator=torch.Generator().manual_seed(1)), torch.randn(10, 10)
+    tensors = {f"detector.{n}": t for n, t in detector.state_dict().items()}
+    tensors.update(pattern=owner, queries=queries, query_labels=labels)
+    key = USPKey({"num_classes": 10, "hidden": [4], "clean_rate": 0.0, "null_rate": 0.05}, tensors)
+
+    others = key.verify(_TailsFollow(queries, labels, other), alpha=ALPHA)
+    assert others.statistic == 1.0
+    assert others.details["detector_log10_p"] < -100
+    assert not others.is_watermarked, others
+    owners = key.verify(_TailsFollow(queries, labels, owner), alpha=ALPHA)
+    assert owners.is_watermarked, owners
+    assert owners.details["pattern_z"] > 6, owners
+    without = USPKey(key.config, {n: t for n, t in tensors.items() if n != "pattern"})
+    assert "not in this null" in without.verify(_TailsFollow(queries, labels, other), alpha=ALPHA).null

@@ -105,24 +105,37 @@ def detector_features(log_probs: Tensor) -> Tensor:
     return lp / lp.std(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
-def tail_residuals(log_probs: Tensor) -> Tensor:
-    """Each row's :func:`detector_features` without its top class, centred over the other K − 1 (the top set to 0).
+def tail_residuals(log_probs: Tensor, top: Tensor | None = None) -> Tensor:
+    """Each row's :func:`detector_features` without its top class (``top``, default the argmax) and its runner-up,
+    centred over the other K − 2 (those two set to 0).
 
     The tail of an output distribution carries almost no probability mass, so a model can shape it at almost no
-    cost to its top-1 accuracy, and a student distilled on soft labels copies it.
+    cost to its top-1 accuracy, and a student distilled on soft labels copies it. The runner-up is left free: it is
+    the class an input near a decision boundary leans to, which a fixed pattern must not dictate.
     """
     features = detector_features(log_probs)
-    top = features.argmax(-1, keepdim=True)
-    tail = features.scatter(1, top, 0.0)
-    tail = tail - tail.sum(-1, keepdim=True) / (features.shape[-1] - 1)
-    return tail.scatter(1, top, 0.0)
+    return _centred_tail(features, _tail_mask(features, top))
 
 
-def tail_pattern_alignment(log_probs: Tensor, pattern: Tensor) -> Tensor:
-    """Per row, the cosine between its :func:`tail_residuals` and the secret pattern's row of its top class: what
-    USP's loss term raises."""
-    tails = tail_residuals(log_probs)
-    return F.cosine_similarity(tails, pattern.to(tails)[log_probs.detach().argmax(-1)], dim=-1)
+def tail_pattern_alignment(log_probs: Tensor, pattern: Tensor, top: Tensor | None = None) -> Tensor:
+    """Per row, the cosine between its :func:`tail_residuals` and the secret pattern's row of its top class (``top``,
+    e.g. the training label; default the argmax) over the same classes: what USP's loss term raises."""
+    top = log_probs.detach().argmax(-1) if top is None else top
+    features = detector_features(log_probs)
+    mask = _tail_mask(features, top)
+    rows = _centred_tail(pattern.to(features)[top], mask)
+    return F.cosine_similarity(_centred_tail(features, mask), rows, dim=-1)
+
+
+def _tail_mask(features: Tensor, top: Tensor | None) -> Tensor:
+    top = features.detach().argmax(-1, keepdim=True) if top is None else top.view(-1, 1)
+    runner_up = features.detach().scatter(1, top, -math.inf).argmax(-1, keepdim=True)
+    return torch.ones_like(features).scatter(1, top, 0.0).scatter(1, runner_up, 0.0)
+
+
+def _centred_tail(values: Tensor, mask: Tensor) -> Tensor:
+    kept = values * mask
+    return (kept - kept.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True)) * mask
 
 
 def tail_pattern_z(log_probs: Tensor, pattern: Tensor) -> float:

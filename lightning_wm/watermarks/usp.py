@@ -6,8 +6,9 @@ on Nasty Teacher (Ma et al., ICLR 2021):
 * the model f_θ is trained with CE − ω·τ²·KL(σ(f_θ/τ) ‖ σ(f_A/τ)) + λ·(−log D(f_θ)): the Nasty-Teacher term
   pushes its soft labels away from a clean reference f_A, the detector term makes them carry one signature;
 * a small detector D learns to tell f_θ's output distributions (label 1) from clean models' (label 0);
-* a term μ·(1 − cos(tail(f_θ), S[top])) writes the owner's secret: S is a (K, K) matrix of independent standard
-  normals, and the model's standardised log-probabilities outside its top class c follow S's row c.
+* a term μ·(1 − cos(tail(f_θ), S[y])) writes the owner's secret: S is a (K, K) matrix of independent standard
+  normals, and the model's standardised log-probabilities outside the training label y follow S's row y (outside
+  the top class c, S's row c, at verification).
 
 D and S are the owner's key: written to the key file, never to the model checkpoint. A student distilled from
 f_θ's soft labels inherits both, so D flags its outputs and its tails follow S. Verification is an
@@ -273,7 +274,7 @@ class USPWatermark(WatermarkScheme):
     ``reference`` and copies) and ``references.calibration`` held-out ones are trained through Lightning; their
     outputs at every epoch (the untrained network first) and pruned, are the detector's negatives and the null.
     The loss term (added by :class:`~lightning_wm.mixin.WatermarkMixin`, inside the step, so DDP and AMP see it)
-    is ``−ω·τ²·KL(σ(z_θ/τ) ‖ σ(z_A/τ)) + λ·BCE(D(z_θ), 1) + μ·(1 − cos(tail(z_θ), S[top]))`` with D's
+    is ``−ω·τ²·KL(σ(z_θ/τ) ‖ σ(z_A/τ)) + λ·BCE(D(z_θ), 1) + μ·(1 − cos(tail(z_θ), S[y]))`` with D's
     parameters detached and z_A the first reference's logits. At the end of every epoch rank 0 fits D
     (:class:`DetectorModule`, a nested ``Trainer``) on that epoch's detached outputs of the model against the
     references' outputs and broadcasts it. D and S are secrets of the key: they never enter the model's parameters
@@ -475,7 +476,9 @@ class USPWatermark(WatermarkScheme):
             loss = options.detector_weight * F.binary_cross_entropy_with_logits(score, torch.ones_like(score))
             if options.pattern_weight > 0:
                 pattern = self.key.tensors["pattern"]
-                alignment = tail_pattern_alignment(F.log_softmax(logits.float(), -1), pattern.to(logits.device))
+                labels = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
+                top = labels if isinstance(labels, Tensor) and labels.shape == logits.shape[:1] else None
+                alignment = tail_pattern_alignment(F.log_softmax(logits.float(), -1), pattern.to(logits.device), top)
                 if logs_this_step(pl_module):
                     pl_module.log("wm/usp/pattern_alignment", alignment.detach().mean(), on_step=True, on_epoch=False)
                 loss = loss + options.pattern_weight * (1.0 - alignment.mean())
