@@ -16,8 +16,8 @@ intersection-union test of two p-values, the larger one the verdict's: D's posit
 against the largest rate of held-out clean models (binomial), and z = ⟨M, S⟩ / ‖M‖, M[c] the sum of the tails of
 the queries answered c (:func:`~lightning_wm.watermarks.functional.tail_pattern_z`). Over the draw of S, z is
 exactly N(0, 1) given any suspect that never saw S: a constant predictor, an untrained network, or a model marked
-with another owner's USP key, whose detector signature D flags as readily as the owner's (on Fashion-MNIST D alone
-declared 12 of 20 models marked with other USP keys). D alone says that a suspect carries a USP mark; S says whose.
+with another owner's USP key, whose detector signature D flags as readily as the owner's (README, Guarantees).
+D alone says that a suspect carries a USP mark; S says whose.
 
 Deviations (the paper's details being unknown): D reads the per-row standardised log-probabilities, which equal
 the standardised logits, so its decision does not depend on the softmax temperature a suspect or a student uses.
