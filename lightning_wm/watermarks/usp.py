@@ -471,14 +471,14 @@ class USPWatermark(WatermarkScheme):
         logits = output["logits"] if isinstance(output, dict) and "logits" in output else pl_module(x)
         options = self.embedding
         with torch.autocast(logits.device.type, enabled=False):
+            log_probs = F.log_softmax(logits.float(), -1)
             params = {n: p.detach() for n, p in self._detector.named_parameters()}
-            score = functional_call(self._detector, params, (detector_features(F.log_softmax(logits.float(), -1)),))
+            score = functional_call(self._detector, params, (detector_features(log_probs),))
             loss = options.detector_weight * F.binary_cross_entropy_with_logits(score, torch.ones_like(score))
             if options.pattern_weight > 0:
-                pattern = self.key.tensors["pattern"]
                 labels = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
                 top = labels if isinstance(labels, Tensor) and labels.shape == logits.shape[:1] else None
-                alignment = tail_pattern_alignment(F.log_softmax(logits.float(), -1), pattern.to(logits.device), top)
+                alignment = tail_pattern_alignment(log_probs, self.key.tensors["pattern"], top)
                 if logs_this_step(pl_module):
                     pl_module.log("wm/usp/pattern_alignment", alignment.detach().mean(), on_step=True, on_epoch=False)
                 loss = loss + options.pattern_weight * (1.0 - alignment.mean())
