@@ -134,6 +134,7 @@ def test_tail_pattern_z_is_standard_normal_over_secrets_for_a_fixed_suspect() ->
 
 
 def test_a_model_whose_tails_follow_the_pattern_gets_a_large_z_and_alignment() -> None:
+    torch.manual_seed(0)
     pattern = torch.randn(10, 10)
     log_probs = torch.log_softmax(_follows(pattern, 300), -1)
     assert tail_pattern_z(log_probs, pattern) > 6.0

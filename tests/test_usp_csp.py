@@ -363,7 +363,8 @@ def test_a_usp_detector_that_flags_everything_declares_only_the_owners_pattern(d
     torch.nn.init.zeros_(detector[-1].weight)
     torch.nn.init.constant_(detector[-1].bias, 10.0)
     queries, labels = dm.dataset("defender").tensors[0][:300], dm.dataset("defender").tensors[1][:300]
-    owner, other = torch.randn(10, 10, generator=torch.Generator().manual_seed(1)), torch.randn(10, 10)
+    generator = torch.Generator().manual_seed(1)
+    owner, other = torch.randn(10, 10, generator=generator), torch.randn(10, 10, generator=generator)
     tensors = {f"detector.{n}": t for n, t in detector.state_dict().items()}
     tensors.update(pattern=owner, queries=queries, query_labels=labels)
     key = USPKey({"num_classes": 10, "hidden": [4], "clean_rate": 0.0, "null_rate": 0.05}, tensors)
