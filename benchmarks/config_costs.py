@@ -41,9 +41,9 @@ def _checkpoint(config: dict, cwd: Path) -> Path:
     raise ValueError("the config has no ModelCheckpoint")
 
 
-def measure(dataset: str, name: str, seed: int, cwd: Path, extra: list[str]) -> dict:
-    """Fit, test and verify one config at one seed in ``cwd``; returns test accuracy and verdict."""
-    path = ROOT / "configs" / dataset / f"{name}.yaml"
+def measure(configs: Path, name: str, seed: int, cwd: Path, extra: list[str]) -> dict:
+    """Fit, test and verify ``configs/<name>.yaml`` at one seed in ``cwd``; returns test accuracy and verdict."""
+    path = configs / f"{name}.yaml"
     config = yaml.safe_load(path.read_text())
     common = ["--config", str(path), "--seed_everything", str(seed)]
     _run(["fit", *common, *(extra if name != "baseline" else [])], cwd)
@@ -62,15 +62,19 @@ def measure(dataset: str, name: str, seed: int, cwd: Path, extra: list[str]) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="digits", choices=["digits", "fashion_mnist"])
+    parser.add_argument(
+        "--config-dir", type=Path, default=None, help="a folder of variant configs (default: configs/<dataset>)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--configs", nargs="+", required=True)
     parser.add_argument("extra", nargs="*", help="options added to every config's fit (after --)")
     args = parser.parse_args()
+    configs = (args.config_dir or ROOT / "configs" / args.dataset).resolve()
     results: dict[str, dict[int, dict]] = {name: {} for name in ["baseline", *args.configs]}
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
             for name in results:
-                results[name][seed] = measure(args.dataset, name, seed, Path(tmp), args.extra)
+                results[name][seed] = measure(configs, name, seed, Path(tmp), args.extra)
                 print(f"# {name} seed {seed}: {results[name][seed]}", file=sys.stderr, flush=True)
     base = sum(r["acc"] for r in results["baseline"].values()) / len(args.seeds)
     print("| config | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean − baseline | declared |")
