@@ -41,6 +41,23 @@ def _checkpoint(config: dict, cwd: Path) -> Path:
     raise ValueError("the config has no ModelCheckpoint")
 
 
+def _outputs(config: dict) -> list[str]:
+    """The paths a fit of ``config`` writes to and reads back: its checkpoint folder and its key files."""
+    keys = [scheme["init_args"]["key_path"] for scheme in (config.get("watermarks") or {}).values()]
+    return [str(_checkpoint(config, Path("."))), *keys]
+
+
+def _check_distinct_outputs(configs: Path, names: list[str]) -> None:
+    """Refuse configs that share a checkpoint folder or a key file: in one working directory the second fit would
+    take up the first one's key, and ``test`` would read the first one's ``last.ckpt``."""
+    owners: dict[str, str] = {}
+    for name in names:
+        for path in _outputs(yaml.safe_load((configs / f"{name}.yaml").read_text())):
+            if path in owners:
+                raise SystemExit(f"config_costs: {name} and {owners[path]} both write {path}: give each its own")
+            owners[path] = name
+
+
 def measure(configs: Path, name: str, seed: int, cwd: Path, extra: list[str]) -> dict:
     """Fit, test and verify ``configs/<name>.yaml`` at one seed in ``cwd``; returns test accuracy and verdict."""
     path = configs / f"{name}.yaml"
@@ -71,6 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     configs = (args.config_dir or ROOT / "configs" / args.dataset).resolve()
     results: dict[str, dict[int, dict]] = {name: {} for name in ["baseline", *args.configs]}
+    _check_distinct_outputs(configs, list(results))
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
             for name in results:
