@@ -291,6 +291,24 @@ def test_csp_states_the_resolution_of_its_p_value(csp: tuple, clean: dict) -> No
         assert result["p_value"] == pytest.approx((1 + result["null_exceed"]) / (1 + draws))
 
 
+def test_csp_tests_a_stolen_copy_in_50_queries_against_more_null_projections(csp: tuple, clean: dict) -> None:
+    """``null_keys`` at verification widens the null, so a few queries can reach a smaller p-value."""
+    scheme, marked = csp
+    key: CSPKey = scheme.key
+    x = key.tensors["queries"][:50]
+    shipped = key.verify(marked, inputs=x)
+    wide = key.verify(marked, inputs=x, null_keys=69_999)
+    assert wide.null_draws == 69_999
+    assert shipped.null_draws == key.config["null_keys"]
+    assert wide.is_watermarked
+    assert wide.details["customer"] == "alice"
+    assert wide.p_value < shipped.p_value
+    assert wide.p_value == pytest.approx(2 * (1 + wide.details["per_customer"]["alice"]["null_exceed"]) / 70_000)
+    assert not key.verify(clean["cnn0"], alpha=ALPHA, inputs=x, null_keys=69_999).is_watermarked
+    with pytest.raises(ValueError, match="null_keys"):
+        key.verify(marked, inputs=x, null_keys=0)
+
+
 def test_usp_fits_its_detector_at_the_end_of_training_when_the_last_epoch_skips_it(dm: DigitsDataModule) -> None:
     """With detector_every=2 and 3 epochs, D is fitted after epoch 2 and once more when training ends."""
     scheme = USPWatermark(

@@ -172,6 +172,7 @@ class CSPKey(WatermarkKey):
         alpha: float = 0.01,
         customer: str | int | None = None,
         inputs: Tensor | None = None,
+        null_keys: int | None = None,
     ) -> Verdict:
         """Query ``suspect`` and test it for the key of ``customer``, or of every customer (then trace it).
 
@@ -182,7 +183,18 @@ class CSPKey(WatermarkKey):
         watermarked) and ``details["per_customer"]`` has every score, with ``z_normal_model``, the score's z
         against a normal fit to the null (a model, not the p-value). On its own queries a suspect whose answers are
         near-constant or at chance accuracy is undecidable.
+
+        ``null_keys`` replaces the key's number N of null projections for this test (drawn from the key's null
+        seed): the rank test is exact for any N fixed before the suspect is queried, and its resolution is
+        ``1/(N + 1)``. A p-value below 1e-6 needs ``N + 1 > C·10^6`` for C
+        customers: ``key.verify(suspect, inputs=key.tensors["queries"][:50], null_keys=2_999_999)`` tests a stolen
+        copy in 50 queries (README, CSP's frontier), at a few seconds of scoring per customer.
         """
+        if null_keys is not None and null_keys != int(self.config["null_keys"]):
+            if null_keys < 1:
+                raise ValueError(f"null_keys must be positive, got {null_keys}")
+            wider = CSPKey({**self.config, "null_keys": null_keys}, self.tensors)
+            return wider.verify(suspect, alpha, customer, inputs)
         x = self.tensors["queries"] if inputs is None else inputs
         probs, queries = query_probs(suspect, x)
         check_outputs(probs, int(self.config["num_classes"]), "CSP")

@@ -1,0 +1,140 @@
+"""DAWN against CSP's served head on the same students: one digits model served to customer alice through each
+API, a student extracted through it by each extraction attack, and every student verified with every customer's
+key (alice's and bob's), so each scheme must name alice.
+
+    python benchmarks/api_schemes.py --seed 0 --shares 0.005 0.05
+
+The model is ``configs/digits/csp.yaml`` with nothing baked (``embed: null``): its fit makes the CSP key of alice and
+bob, and the trained weights are the unmarked model both APIs serve. Each customer gets a DAWN key of its own; bob
+queries his endpoint with the validation split, so his log holds inputs the students never saw answered his way.
+Students (SmallCNN width 32, 20 epochs, the attacker's split unless said): distillation of the served
+probabilities at T = 3, retraining on the served top-1 labels, and Knockoff Nets (random selection of 5,000 sample
+photo patches, probabilities). Prints one Markdown row per API × attack: the API's test accuracy against the
+model's, the student's accuracy, the queries it made and the watermark queries among them, and the verdict
+(p-value over both customers, Bonferroni, and the customer named).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return 100 * float((model(x).argmax(-1) == y).float().mean())
+
+
+def _victim(seed: int, cwd: Path) -> tuple[torch.nn.Module, object]:
+    from lightning_wm import ImageClassifier
+    from lightning_wm.verify import load_key
+
+    done = subprocess.run(
+        [
+            "lightning-wm",
+            "fit",
+            "--config",
+            str(ROOT / "configs/digits/csp.yaml"),
+            "--seed_everything",
+            str(seed),
+            "--watermarks.csp.init_args.embed=null",
+            "--trainer.enable_progress_bar=false",
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    model = ImageClassifier.load_from_checkpoint(cwd / "outputs/digits/csp/last.ckpt", map_location="cpu").eval()
+    return model, load_key(cwd / "outputs/digits/csp.key")
+
+
+def _student(attack_name: str, api: torch.nn.Module, seed: int) -> tuple[torch.nn.Module, int]:
+    import lightning as L
+
+    from lightning_wm.attacks import DistillationAttack, KnockoffAttack, RetrainingAttack
+    from lightning_wm.benchmark.matrix import quiet_trainer
+    from lightning_wm.data import DigitsDataModule
+    from lightning_wm.models import SmallCNN
+
+    L.seed_everything(seed, verbose=False)
+    student = SmallCNN(1, 10, 32)
+    if attack_name == "distillation":
+        attack = DistillationAttack(api, student=student, temperature=3.0, output="probs")
+    elif attack_name == "retraining":
+        attack = RetrainingAttack(api, student=student)
+    else:
+        attack = KnockoffAttack(api, student=student, transfer_set="photos", transfer_size=5000, seed=seed)
+    data = DigitsDataModule(batch_size=64, train_split="attacker")
+    quiet_trainer({"accelerator": "cpu"}, 20, [], limit_val_batches=0).fit(attack, data)
+    return attack.eval(), attack._api.queries
+
+
+def main() -> None:
+    from lightning_wm.data import DigitsDataModule
+    from lightning_wm.verify.derive import seed_secret
+    from lightning_wm.verify.stats import queries_to_significance
+    from lightning_wm.watermarks.dawn import DAWNHead, build_key
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shares", type=float, nargs="+", default=[0.005, 0.05])
+    parser.add_argument("--attacks", nargs="+", default=["distillation", "retraining", "knockoff"])
+    args = parser.parse_args()
+    data = DigitsDataModule(batch_size=64)
+    data.setup("fit")
+    x_test, y_test = data.dataset("test").tensors[:2]
+    x_val = data.dataset("val").tensors[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        model, csp = _victim(args.seed, Path(tmp))
+    plain = _accuracy(model, x_test, y_test)
+    print(f"model test accuracy {plain:.2f} (seed {args.seed})")
+    print("| API | attack | API acc (model's) | student acc | queries (watermark) | p, both customers | named |")
+    print("|---|---|---|---|---|---|---|")
+    for api_name in ["csp", *(f"dawn {share:g}" for share in args.shares)]:
+        for attack_name in args.attacks:
+            if api_name == "csp":
+                api = csp.serve(model, "alice")
+                keys = None
+            else:
+                share = float(api_name.split()[1])
+                keys = {
+                    name: build_key(seed_secret(1000 * args.seed + i), share, 10, data, probes=200)
+                    for i, name in enumerate(["alice", "bob"])
+                }
+                keys["bob"].serve(model)(x_val)
+                api = keys["alice"].serve(model)
+            served = _accuracy(api if keys is None else DAWNHead(model, keys["alice"], record=False), x_test, y_test)
+            student, queries = _student(attack_name, api, args.seed)
+            accuracy = _accuracy(student, x_test, y_test)
+            if keys is None:
+                verdict = csp.verify(student)
+                named, p = verdict.details["customer"], verdict.p_value
+                marks = "–"
+                extra = f"corr {verdict.statistic:.3f}, {verdict.queries} verification queries"
+            else:
+                verdicts = {name: key.verify(student) for name, key in keys.items() if len(key.tensors["labels"])}
+                best = min(verdicts, key=lambda n: verdicts[n].p_value)
+                p = min(1.0, len(keys) * verdicts[best].p_value) if "alice" in verdicts else 1.0
+                named = best if p < 0.01 and not verdicts[best].is_undecidable else None
+                logged = len(keys["alice"].tensors["labels"])
+                marks = str(logged)
+                rate = verdicts["alice"].statistic if "alice" in verdicts else 0.0
+                needed = queries_to_significance(rate, 1 / 9, alpha=1e-6) if logged else -1
+                extra = f"agreement {rate:.2f} on {logged}; {needed} watermark queries to 1e-6"
+            print(
+                f"| {api_name} | {attack_name} | {served:.2f} ({plain:.2f}) | {accuracy:.2f} | {queries} ({marks}) | "
+                f"{p:.2g} ({extra}) | {named} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""CSP's frontier: black-box queries to p < 1e-6 on the marked model against accuracy cost against survival of
+distillation, one point per perturbation amplitude, through the README's own commands.
+
+    python benchmarks/csp_frontier.py --amplitudes 0.05 0.1 0.2 0.3 --seeds 0 --out frontier
+
+For each seed it fits ``configs/digits/baseline.yaml``, then for each amplitude ``configs/digits/csp.yaml`` with
+that amplitude, tests it, and distils an MLP student from it with ``configs/attacks/distillation.yaml``. Both
+are verified on the first q of the key's queries for each q of ``--queries`` (all customers tested, Bonferroni,
+as ``verify`` does) against ``--null-keys`` null projections (a rank p-value can only reach 1e-6 with two
+customers when ``2/(N + 1) < 1e-6``), and the student also as ``verify`` gives it with the config's key (1,999
+null projections, all its 2,000 queries). Writes ``frontier.csv`` and ``frontier.png`` to ``--out`` and prints
+a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+LEVEL = 1e-6
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    done = subprocess.run(
+        ["lightning-wm", *args, "--trainer.enable_progress_bar=false"], cwd=cwd, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"lightning-wm {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def _test_accuracy(config: Path, ckpt: Path, cwd: Path) -> float:
+    out = _run(["test", "--config", str(config), "--ckpt_path", str(ckpt)], cwd)
+    return 100 * float(re.search(r"test/acc\s+([0-9.]+)", out).group(1))
+
+
+def _p_values(key, model: torch.nn.Module, queries: list[int]) -> dict[int, float]:
+    x = key.tensors["queries"]
+    return {q: key.verify(model, inputs=x[:q]).p_value for q in queries}
+
+
+def measure(amplitude: float, seed: int, args: argparse.Namespace, cwd: Path) -> dict:
+    """Fit, test and distil CSP at one amplitude and seed in ``cwd``; the p-values of the marked model and its
+    student at every query count, and the student's verdict as ``verify`` gives it."""
+    from lightning_wm import ImageClassifier
+    from lightning_wm.attacks import DistillationAttack
+    from lightning_wm.cli import load_weights
+    from lightning_wm.data import DigitsDataModule
+    from lightning_wm.models import MLP
+    from lightning_wm.verify import load_key
+    from lightning_wm.watermarks.csp import CSPKey
+
+    config = ROOT / "configs/digits/csp.yaml"
+    options = f"--watermarks.csp.init_args.signal.amplitude={amplitude}"
+    _run(["fit", "--config", str(config), "--seed_everything", str(seed), options], cwd)
+    ckpt = cwd / "outputs/digits/csp/last.ckpt"
+    accuracy = _test_accuracy(config, ckpt, cwd)
+    distillation = ROOT / "configs/attacks/distillation.yaml"
+    _run(
+        ["fit", "--config", str(distillation), "--seed_everything", str(seed), f"--model.init_args.victim={ckpt}"], cwd
+    )
+    student_ckpt = cwd / "outputs/digits/attacks/distillation/last.ckpt"
+
+    shipped_key = load_key(cwd / "outputs/digits/csp.key")
+    key = CSPKey({**shipped_key.config, "null_keys": args.null_keys}, shipped_key.tensors)
+    marked = ImageClassifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    student = DistillationAttack(str(ckpt), student=MLP(in_features=64, num_classes=10, hidden=[256, 256]))
+    load_weights(student, student_ckpt)
+    student.eval()
+    x, y = DigitsDataModule().dataset("test").tensors[:2]
+    with torch.no_grad():
+        student_accuracy = 100 * float((student(x).argmax(-1) == y).float().mean())
+    marked_p = _p_values(key, marked, args.queries)
+    student_p = _p_values(key, student, args.queries)
+    shipped = shipped_key.verify(student)
+    return {
+        "amplitude": amplitude,
+        "seed": seed,
+        "accuracy": accuracy,
+        "queries_to_level": next((q for q in args.queries if marked_p[q] < LEVEL), None),
+        **{f"marked_p@{q}": p for q, p in marked_p.items()},
+        "student_accuracy": student_accuracy,
+        **{f"student_p@{q}": p for q, p in student_p.items()},
+        "student_p_shipped": shipped.p_value,
+        "student_declared": shipped.is_watermarked,
+        "student_customer": shipped.details["customer"],
+    }
+
+
+def plot(rows: list[dict], baseline: dict[int, float], queries: list[int], path: Path) -> None:
+    """Accuracy cost against queries to p < 1e-6 (unreached: beyond the largest q), filled where the student is
+    declared, each point labelled with its amplitude."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    beyond = 2 * max(queries)
+    for row in rows:
+        cost = baseline[row["seed"]] - row["accuracy"]
+        needed = row["queries_to_level"] or beyond
+        survived = row["student_declared"]
+        axis.scatter(
+            needed, cost, s=60, marker="o", facecolors="C0" if survived else "none", edgecolors="C0", linewidths=1.5
+        )
+        axis.annotate(f"{row['amplitude']:g}", (needed, cost), textcoords="offset points", xytext=(6, 4))
+    axis.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    axis.axvline(50, color="grey", linestyle="--", linewidth=1)
+    axis.set_xscale("log")
+    axis.set_xticks([*queries, beyond], [*map(str, queries), f">{max(queries)}"])
+    axis.set_xlabel("queries to p < 1e-6 on the marked model")
+    axis.set_ylabel("accuracy cost (points)")
+    axis.set_title("CSP on digits, by amplitude (filled: MLP student declared)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--amplitudes", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--queries", type=int, nargs="+", default=[25, 50, 100, 200, 400])
+    parser.add_argument("--null-keys", type=int, default=2_999_999)
+    parser.add_argument("--out", type=Path, default=Path("csp_frontier"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    baseline: dict[int, float] = {}
+    for seed in args.seeds:
+        with tempfile.TemporaryDirectory() as tmp:
+            base = ROOT / "configs/digits/baseline.yaml"
+            _run(["fit", "--config", str(base), "--seed_everything", str(seed)], Path(tmp))
+            baseline[seed] = _test_accuracy(base, Path(tmp) / "outputs/digits/baseline/last.ckpt", Path(tmp))
+        for amplitude in args.amplitudes:
+            with tempfile.TemporaryDirectory() as tmp:
+                rows.append(measure(amplitude, seed, args, Path(tmp)))
+            print(f"# {rows[-1]}", file=sys.stderr, flush=True)
+    with open(args.out / "frontier.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, baseline, args.queries, args.out / "frontier.png")
+    print("| amplitude | seed | accuracy cost | queries to p < 1e-6 | marked p at 50 | student p (verify) | customer |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        needed = row["queries_to_level"] or f"> {max(args.queries)}"
+        print(
+            f"| {row['amplitude']:g} | {row['seed']} | {baseline[row['seed']] - row['accuracy']:+.2f} | {needed} | "
+            f"{row.get('marked_p@50', float('nan')):.2g} | {row['student_p_shipped']:.2g} | "
+            f"{row['student_customer']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
