@@ -9,7 +9,7 @@ are verified on the first q of the key's queries for each q of ``--queries`` (al
 as ``verify`` does) against ``--null-keys`` null projections (a rank p-value can only reach 1e-6 with two
 customers when ``2/(N + 1) < 1e-6``), and the student also as ``verify`` gives it with the config's key (1,999
 null projections, all its 2,000 queries). Writes ``frontier.csv`` and ``frontier.png`` to ``--out`` and prints
-a Markdown table.
+a Markdown table; ``--replot`` redraws them from earlier ``frontier.csv`` files (e.g. runs of other seeds).
 """
 
 from __future__ import annotations
@@ -95,33 +95,62 @@ def measure(amplitude: float, seed: int, args: argparse.Namespace, cwd: Path) ->
     }
 
 
-def plot(rows: list[dict], baseline: dict[int, float], queries: list[int], path: Path) -> None:
-    """Accuracy cost against queries to p < 1e-6 (unreached: beyond the largest q), filled where the student is
-    declared, each point labelled with its amplitude."""
+def plot(rows: list[dict], path: Path) -> None:
+    """Three panels against the amplitude, one point per seed: accuracy against the baseline of the same seed,
+    queries to p < 1e-6 on the marked model, and the distilled student's p-value as ``verify`` gives it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4))
-    beyond = 2 * max(queries)
-    for row in rows:
-        cost = baseline[row["seed"]] - row["accuracy"]
-        needed = row["queries_to_level"] or beyond
-        survived = row["student_declared"]
-        axis.scatter(
-            needed, cost, s=60, marker="o", facecolors="C0" if survived else "none", edgecolors="C0", linewidths=1.5
-        )
-        axis.annotate(f"{row['amplitude']:g}", (needed, cost), textcoords="offset points", xytext=(6, 4))
-    axis.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    axis.axvline(50, color="grey", linestyle="--", linewidth=1)
-    axis.set_xscale("log")
-    axis.set_xticks([*queries, beyond], [*map(str, queries), f">{max(queries)}"])
-    axis.set_xlabel("queries to p < 1e-6 on the marked model")
-    axis.set_ylabel("accuracy cost (points)")
-    axis.set_title("CSP on digits, by amplitude (filled: MLP student declared)")
+    figure, (accuracy, queries, student) = plt.subplots(1, 3, figsize=(12, 3.6))
+    amplitudes = sorted({float(r["amplitude"]) for r in rows})
+    for axis in (accuracy, queries, student):
+        axis.set_xscale("log")
+        axis.set_xticks(amplitudes, [f"{a:g}" for a in amplitudes])
+        axis.minorticks_off()
+        axis.set_xlabel("amplitude ε")
+
+    def by_amplitude(value) -> tuple[list[float], list[float]]:
+        points = [(float(r["amplitude"]), value(r)) for r in rows]
+        return [a for a, _ in points], [v for _, v in points]
+
+    accuracy.scatter(*by_amplitude(lambda r: float(r["accuracy"]) - float(r["baseline_accuracy"])), color="C0")
+    accuracy.axhline(-0.5, color="grey", linestyle="--", linewidth=1)
+    accuracy.axhline(0.0, color="grey", linewidth=0.5)
+    accuracy.set_ylabel("test accuracy − baseline (points)")
+    grid = sorted(int(k.split("@")[1]) for k in rows[0] if k.startswith("marked_p@"))
+    unreached = 2 * grid[-1]
+    queries.scatter(*by_amplitude(lambda r: float(r["queries_to_level"] or unreached)), color="C1")
+    queries.axhline(50, color="grey", linestyle="--", linewidth=1)
+    queries.set_yscale("log")
+    queries.set_yticks([*grid, unreached], [*map(str, grid), "not reached"])
+    queries.minorticks_off()
+    queries.set_ylabel("queries to p < 1e-6, marked model")
+    student.scatter(*by_amplitude(lambda r: float(r["student_p_shipped"])), color="C2")
+    student.axhline(0.01, color="grey", linestyle="--", linewidth=1)
+    student.set_yscale("log")
+    student.set_ylabel("distilled student's p (verify)")
+    figure.suptitle("CSP on digits: accuracy, queries and survival of distillation, by amplitude")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
+
+
+def table(rows: list[dict]) -> str:
+    """One Markdown row per amplitude and seed."""
+    lines = [
+        "| amplitude | seed | accuracy − baseline | queries to p < 1e-6 | student acc | student p (verify) | named |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        needed = row["queries_to_level"] or "not reached"
+        delta = float(row["accuracy"]) - float(row["baseline_accuracy"])
+        lines.append(
+            f"| {float(row['amplitude']):g} | {row['seed']} | {delta:+.2f} | {needed} | "
+            f"{float(row['student_accuracy']):.2f} | {float(row['student_p_shipped']):.2g} | "
+            f"{row['student_customer'] or '–'} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -131,33 +160,29 @@ def main() -> None:
     parser.add_argument("--queries", type=int, nargs="+", default=[25, 50, 100, 200, 400])
     parser.add_argument("--null-keys", type=int, default=2_999_999)
     parser.add_argument("--out", type=Path, default=Path("csp_frontier"))
+    parser.add_argument("--replot", type=Path, nargs="+", help="only plot and tabulate these frontier.csv files")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    baseline: dict[int, float] = {}
-    for seed in args.seeds:
+    if args.replot:
+        for path in args.replot:
+            rows.extend(csv.DictReader(path.open()))
+    for seed in [] if args.replot else args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
             base = ROOT / "configs/digits/baseline.yaml"
             _run(["fit", "--config", str(base), "--seed_everything", str(seed)], Path(tmp))
-            baseline[seed] = _test_accuracy(base, Path(tmp) / "outputs/digits/baseline/last.ckpt", Path(tmp))
+            baseline = _test_accuracy(base, Path(tmp) / "outputs/digits/baseline/last.ckpt", Path(tmp))
         for amplitude in args.amplitudes:
             with tempfile.TemporaryDirectory() as tmp:
-                rows.append(measure(amplitude, seed, args, Path(tmp)))
+                rows.append({"baseline_accuracy": baseline, **measure(amplitude, seed, args, Path(tmp))})
             print(f"# {rows[-1]}", file=sys.stderr, flush=True)
-    with open(args.out / "frontier.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    plot(rows, baseline, args.queries, args.out / "frontier.png")
-    print("| amplitude | seed | accuracy cost | queries to p < 1e-6 | marked p at 50 | student p (verify) | customer |")
-    print("|---|---|---|---|---|---|---|")
-    for row in rows:
-        needed = row["queries_to_level"] or f"> {max(args.queries)}"
-        print(
-            f"| {row['amplitude']:g} | {row['seed']} | {baseline[row['seed']] - row['accuracy']:+.2f} | {needed} | "
-            f"{row.get('marked_p@50', float('nan')):.2g} | {row['student_p_shipped']:.2g} | "
-            f"{row['student_customer']} |"
-        )
+        with open(args.out / "frontier.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    rows.sort(key=lambda r: (float(r["amplitude"]), int(r["seed"])))
+    plot(rows, args.out / "frontier.png")
+    print(table(rows))
 
 
 if __name__ == "__main__":
