@@ -17,11 +17,11 @@ model's, the student's accuracy, the queries it made and the watermark queries a
 from __future__ import annotations
 
 import argparse
-import subprocess
 import tempfile
 from pathlib import Path
 
 import torch
+from config_costs import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,23 +35,8 @@ def _victim(seed: int, cwd: Path) -> tuple[torch.nn.Module, object]:
     from lightning_wm import ImageClassifier
     from lightning_wm.verify import load_key
 
-    done = subprocess.run(
-        [
-            "lightning-wm",
-            "fit",
-            "--config",
-            str(ROOT / "configs/digits/csp.yaml"),
-            "--seed_everything",
-            str(seed),
-            "--watermarks.csp.init_args.embed=null",
-            "--trainer.enable_progress_bar=false",
-        ],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-2000:])
+    config = str(ROOT / "configs/digits/csp.yaml")
+    run_cli(["fit", "--config", config, "--seed_everything", str(seed), "--watermarks.csp.init_args.embed=null"], cwd)
     model = ImageClassifier.load_from_checkpoint(cwd / "outputs/digits/csp/last.ckpt", map_location="cpu").eval()
     return model, load_key(cwd / "outputs/digits/csp.key")
 

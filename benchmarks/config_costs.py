@@ -25,7 +25,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(args: list[str], cwd: Path) -> str:
+def run_cli(args: list[str], cwd: Path) -> str:
+    """``lightning-wm ARGS`` in ``cwd`` without its progress bar; its stdout, or an error with its stderr's tail."""
     done = subprocess.run(
         ["lightning-wm", *args, "--trainer.enable_progress_bar=false"], cwd=cwd, capture_output=True, text=True
     )
@@ -63,14 +64,14 @@ def measure(configs: Path, name: str, seed: int, cwd: Path, extra: list[str]) ->
     path = configs / f"{name}.yaml"
     config = yaml.safe_load(path.read_text())
     common = ["--config", str(path), "--seed_everything", str(seed)]
-    _run(["fit", *common, *(extra if name != "baseline" else [])], cwd)
+    run_cli(["fit", *common, *(extra if name != "baseline" else [])], cwd)
     ckpt = _checkpoint(config, cwd)
-    out = _run(["test", "--config", str(path), "--ckpt_path", str(ckpt)], cwd)
+    out = run_cli(["test", "--config", str(path), "--ckpt_path", str(ckpt)], cwd)
     accuracy = float(re.search(r"test/acc\s+([0-9.]+)", out).group(1))
     row = {"acc": 100 * accuracy}
     for scheme in (config.get("watermarks") or {}).values():
         key = cwd / scheme["init_args"]["key_path"]
-        printed = _run(["verify", "--config", str(path), "--key", str(key), "--ckpt_path", str(ckpt)], cwd)
+        printed = run_cli(["verify", "--config", str(path), "--key", str(key), "--ckpt_path", str(ckpt)], cwd)
         verdict = json.loads(printed.strip().splitlines()[-1])
         row |= {"declared": verdict["is_watermarked"], "p": verdict["p_value"], "statistic": verdict["statistic"]}
     return row

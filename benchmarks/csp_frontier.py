@@ -17,28 +17,19 @@ from __future__ import annotations
 import argparse
 import csv
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from config_costs import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 LEVEL = 1e-6
 
 
-def _run(args: list[str], cwd: Path) -> str:
-    done = subprocess.run(
-        ["lightning-wm", *args, "--trainer.enable_progress_bar=false"], cwd=cwd, capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"lightning-wm {' '.join(args)} failed:\n{done.stderr[-2000:]}")
-    return done.stdout
-
-
 def _test_accuracy(config: Path, ckpt: Path, cwd: Path) -> float:
-    out = _run(["test", "--config", str(config), "--ckpt_path", str(ckpt)], cwd)
+    out = run_cli(["test", "--config", str(config), "--ckpt_path", str(ckpt)], cwd)
     return 100 * float(re.search(r"test/acc\s+([0-9.]+)", out).group(1))
 
 
@@ -60,11 +51,11 @@ def measure(amplitude: float, seed: int, args: argparse.Namespace, cwd: Path) ->
 
     config = ROOT / "configs/digits/csp.yaml"
     options = f"--watermarks.csp.init_args.signal.amplitude={amplitude}"
-    _run(["fit", "--config", str(config), "--seed_everything", str(seed), options], cwd)
+    run_cli(["fit", "--config", str(config), "--seed_everything", str(seed), options], cwd)
     ckpt = cwd / "outputs/digits/csp/last.ckpt"
     accuracy = _test_accuracy(config, ckpt, cwd)
     distillation = ROOT / "configs/attacks/distillation.yaml"
-    _run(
+    run_cli(
         ["fit", "--config", str(distillation), "--seed_everything", str(seed), f"--model.init_args.victim={ckpt}"], cwd
     )
     student_ckpt = cwd / "outputs/digits/attacks/distillation/last.ckpt"
@@ -170,7 +161,7 @@ def main() -> None:
     for seed in [] if args.replot else args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
             base = ROOT / "configs/digits/baseline.yaml"
-            _run(["fit", "--config", str(base), "--seed_everything", str(seed)], Path(tmp))
+            run_cli(["fit", "--config", str(base), "--seed_everything", str(seed)], Path(tmp))
             baseline = _test_accuracy(base, Path(tmp) / "outputs/digits/baseline/last.ckpt", Path(tmp))
         for amplitude in args.amplitudes:
             with tempfile.TemporaryDirectory() as tmp:
