@@ -540,8 +540,11 @@ class USPWatermark(WatermarkScheme):
         if not self._calibration_probs and not self._reference_rates:
             self._key = key
             return
-        clean_rate = max((float(key.flags(p).float().mean()) for p in self._reference_rates), default=0.0)
-        rates = [float(key.flags(p).float().mean()) for p in self._calibration_probs]
+        sets = [*self._reference_rates, *self._calibration_probs]
+        flagged = key.flags(torch.cat(sets)).split([len(p) for p in sets])  # one detector pass for every set
+        positive_rates = [float(f.float().mean()) for f in flagged]
+        clean_rate = max(positive_rates[: len(self._reference_rates)], default=0.0)
+        rates = positive_rates[len(self._reference_rates) :]
         labels = self.key.tensors["query_labels"]
         accuracies = [float(p.argmax(-1).eq(labels).float().mean()) for p in self._calibration_probs]
         options = self.verification
