@@ -8,7 +8,7 @@ that amplitude, tests it, and distils an MLP student from it with ``configs/atta
 are verified on the first q of the key's queries for each q of ``--queries`` (all customers tested, Bonferroni,
 as ``verify`` does) against ``--null-keys`` null projections (a rank p-value can only reach 1e-6 with two
 customers when ``2/(N + 1) < 1e-6``), and the student also as ``verify`` gives it with the config's key (1,999
-null projections, all its 2,000 queries). Writes ``frontier.csv`` and ``frontier.png`` to ``--out`` and prints
+null projections, all its queries). Writes ``frontier.csv`` and ``frontier.png`` to ``--out`` and prints
 a Markdown table; ``--replot`` redraws them from earlier ``frontier.csv`` files (e.g. runs of other seeds).
 """
 
@@ -33,9 +33,9 @@ def _test_accuracy(config: Path, ckpt: Path, cwd: Path) -> float:
     return 100 * float(re.search(r"test/acc\s+([0-9.]+)", out).group(1))
 
 
-def _p_values(key, model: torch.nn.Module, queries: list[int]) -> dict[int, float]:
+def _p_values(key, model: torch.nn.Module, queries: list[int], null_keys: int) -> dict[int, float]:
     x = key.tensors["queries"]
-    return {q: key.verify(model, inputs=x[:q]).p_value for q in queries}
+    return {q: key.verify(model, inputs=x[:q], null_keys=null_keys).p_value for q in queries}
 
 
 def measure(amplitude: float, seed: int, args: argparse.Namespace, cwd: Path) -> dict:
@@ -47,7 +47,6 @@ def measure(amplitude: float, seed: int, args: argparse.Namespace, cwd: Path) ->
     from lightning_wm.data import DigitsDataModule
     from lightning_wm.models import MLP
     from lightning_wm.verify import load_key
-    from lightning_wm.watermarks.csp import CSPKey
 
     config = ROOT / "configs/digits/csp.yaml"
     options = f"--watermarks.csp.init_args.signal.amplitude={amplitude}"
@@ -60,8 +59,7 @@ def measure(amplitude: float, seed: int, args: argparse.Namespace, cwd: Path) ->
     )
     student_ckpt = cwd / "outputs/digits/attacks/distillation/last.ckpt"
 
-    shipped_key = load_key(cwd / "outputs/digits/csp.key")
-    key = CSPKey({**shipped_key.config, "null_keys": args.null_keys}, shipped_key.tensors)
+    key = load_key(cwd / "outputs/digits/csp.key")
     marked = ImageClassifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
     student = DistillationAttack(str(ckpt), student=MLP(in_features=64, num_classes=10, hidden=[256, 256]))
     load_weights(student, student_ckpt)
@@ -69,9 +67,9 @@ def measure(amplitude: float, seed: int, args: argparse.Namespace, cwd: Path) ->
     x, y = DigitsDataModule().dataset("test").tensors[:2]
     with torch.no_grad():
         student_accuracy = 100 * float((student(x).argmax(-1) == y).float().mean())
-    marked_p = _p_values(key, marked, args.queries)
-    student_p = _p_values(key, student, args.queries)
-    shipped = shipped_key.verify(student)
+    marked_p = _p_values(key, marked, args.queries, args.null_keys)
+    student_p = _p_values(key, student, args.queries, args.null_keys)
+    shipped = key.verify(student)
     return {
         "amplitude": amplitude,
         "seed": seed,
