@@ -2,7 +2,7 @@
 API, a student extracted through it by each extraction attack, and every student verified with every customer's
 key (alice's and bob's), so each scheme must name alice.
 
-    python benchmarks/api_schemes.py --seed 0 --shares 0.005 0.05
+    python benchmarks/api_schemes.py --seed 0 --amplitude 0.2 --shares 0.005 0.05
 
 The model is ``configs/digits/csp.yaml`` with nothing baked (``embed: null``): its fit makes the CSP key of alice and
 bob, and the trained weights are the unmarked model both APIs serve. Each customer gets a DAWN key of its own; bob
@@ -19,9 +19,13 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from config_costs import run_cli
+
+if TYPE_CHECKING:
+    from lightning_wm.watermarks.csp import CSPKey
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,12 +35,15 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
         return 100 * float((model(x).argmax(-1) == y).float().mean())
 
 
-def _victim(seed: int, cwd: Path) -> tuple[torch.nn.Module, object]:
+def _victim(seed: int, amplitude: float | None, cwd: Path) -> tuple[torch.nn.Module, CSPKey]:
     from lightning_wm import ImageClassifier
     from lightning_wm.verify import load_key
 
     config = str(ROOT / "configs/digits/csp.yaml")
-    run_cli(["fit", "--config", config, "--seed_everything", str(seed), "--watermarks.csp.init_args.embed=null"], cwd)
+    options = ["--seed_everything", str(seed), "--watermarks.csp.init_args.embed=null"]
+    if amplitude is not None:
+        options.append(f"--watermarks.csp.init_args.signal.amplitude={amplitude}")
+    run_cli(["fit", "--config", config, *options], cwd)
     model = ImageClassifier.load_from_checkpoint(cwd / "outputs/digits/csp/last.ckpt", map_location="cpu").eval()
     return model, load_key(cwd / "outputs/digits/csp.key")
 
@@ -59,7 +66,7 @@ def _student(attack_name: str, api: torch.nn.Module, seed: int) -> tuple[torch.n
         attack = KnockoffAttack(api, student=student, transfer_set="photos", transfer_size=5000, seed=seed)
     data = DigitsDataModule(batch_size=64, train_split="attacker")
     quiet_trainer({"accelerator": "cpu"}, 20, [], limit_val_batches=0).fit(attack, data)
-    return attack.eval(), attack._api.queries
+    return attack.eval(), attack.queries
 
 
 def main() -> None:
@@ -70,6 +77,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--amplitude", type=float, default=None, help="CSP's ε (default: the config's)")
     parser.add_argument("--shares", type=float, nargs="+", default=[0.005, 0.05])
     parser.add_argument("--attacks", nargs="+", default=["distillation", "retraining", "knockoff"])
     args = parser.parse_args()
@@ -78,7 +86,7 @@ def main() -> None:
     x_test, y_test = data.dataset("test").tensors[:2]
     x_val = data.dataset("val").tensors[0]
     with tempfile.TemporaryDirectory() as tmp:
-        model, csp = _victim(args.seed, Path(tmp))
+        model, csp = _victim(args.seed, args.amplitude, Path(tmp))
     plain = _accuracy(model, x_test, y_test)
     print(f"model test accuracy {plain:.2f} (seed {args.seed})")
     print("| API | attack | API acc (model's) | student acc | queries (watermark) | p, both customers | named |")

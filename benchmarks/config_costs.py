@@ -35,6 +35,12 @@ def run_cli(args: list[str], cwd: Path) -> str:
     return done.stdout
 
 
+def test_accuracy(config: Path, ckpt: Path, cwd: Path) -> float:
+    """Test accuracy in % of ``ckpt`` under ``config``, as ``lightning-wm test`` prints it."""
+    out = run_cli(["test", "--config", str(config), "--ckpt_path", str(ckpt)], cwd)
+    return 100 * float(re.search(r"test/acc\s+([0-9.]+)", out).group(1))
+
+
 def _checkpoint(config: dict, cwd: Path) -> Path:
     for callback in config["trainer"].get("callbacks", []):
         if callback["class_path"].endswith("ModelCheckpoint"):
@@ -66,9 +72,7 @@ def measure(configs: Path, name: str, seed: int, cwd: Path, extra: list[str]) ->
     common = ["--config", str(path), "--seed_everything", str(seed)]
     run_cli(["fit", *common, *(extra if name != "baseline" else [])], cwd)
     ckpt = _checkpoint(config, cwd)
-    out = run_cli(["test", "--config", str(path), "--ckpt_path", str(ckpt)], cwd)
-    accuracy = float(re.search(r"test/acc\s+([0-9.]+)", out).group(1))
-    row = {"acc": 100 * accuracy}
+    row = {"acc": test_accuracy(path, ckpt, cwd)}
     for scheme in (config.get("watermarks") or {}).values():
         key = cwd / scheme["init_args"]["key_path"]
         printed = run_cli(["verify", "--config", str(path), "--key", str(key), "--ckpt_path", str(ckpt)], cwd)

@@ -9,36 +9,37 @@ are verified on the first q of the key's queries for each q of ``--queries`` (al
 as ``verify`` does) against ``--null-keys`` null projections (a rank p-value can only reach 1e-6 with two
 customers when ``2/(N + 1) < 1e-6``), and the student also as ``verify`` gives it with the config's key (1,999
 null projections, all its queries). Writes ``frontier.csv`` and ``frontier.png`` to ``--out`` and prints
-a Markdown table; ``--replot`` redraws them from earlier ``frontier.csv`` files (e.g. runs of other seeds).
+a Markdown table; ``--replot`` merges earlier ``frontier.csv`` files (e.g. runs of other seeds) and redraws.
+"Queries to p < 1e-6" is the first q of the grid that reaches it: a description of the frontier, not a test (a
+test fixes its number of queries before querying).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import re
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from config_costs import run_cli
+from config_costs import run_cli, test_accuracy
+
+if TYPE_CHECKING:
+    from lightning_wm.watermarks.csp import CSPKey
 
 ROOT = Path(__file__).resolve().parent.parent
 LEVEL = 1e-6
 
 
-def _test_accuracy(config: Path, ckpt: Path, cwd: Path) -> float:
-    out = run_cli(["test", "--config", str(config), "--ckpt_path", str(ckpt)], cwd)
-    return 100 * float(re.search(r"test/acc\s+([0-9.]+)", out).group(1))
-
-
-def _p_values(key, model: torch.nn.Module, queries: list[int], null_keys: int) -> dict[int, float]:
+def _p_values(key: CSPKey, model: torch.nn.Module, queries: list[int], null_keys: int) -> dict[int, float]:
     x = key.tensors["queries"]
     return {q: key.verify(model, inputs=x[:q], null_keys=null_keys).p_value for q in queries}
 
 
-def measure(amplitude: float, seed: int, args: argparse.Namespace, cwd: Path) -> dict:
+def measure(amplitude: float, seed: int, args: argparse.Namespace, cwd: Path) -> dict[str, Any]:
     """Fit, test and distil CSP at one amplitude and seed in ``cwd``; the p-values of the marked model and its
     student at every query count, and the student's verdict as ``verify`` gives it."""
     from lightning_wm import ImageClassifier
@@ -52,7 +53,7 @@ def measure(amplitude: float, seed: int, args: argparse.Namespace, cwd: Path) ->
     options = f"--watermarks.csp.init_args.signal.amplitude={amplitude}"
     run_cli(["fit", "--config", str(config), "--seed_everything", str(seed), options], cwd)
     ckpt = cwd / "outputs/digits/csp/last.ckpt"
-    accuracy = _test_accuracy(config, ckpt, cwd)
+    accuracy = test_accuracy(config, ckpt, cwd)
     distillation = ROOT / "configs/attacks/distillation.yaml"
     run_cli(
         ["fit", "--config", str(distillation), "--seed_everything", str(seed), f"--model.init_args.victim={ckpt}"], cwd
@@ -84,7 +85,7 @@ def measure(amplitude: float, seed: int, args: argparse.Namespace, cwd: Path) ->
     }
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Three panels against the amplitude, one point per seed: accuracy against the baseline of the same seed,
     queries to p < 1e-6 on the marked model, and the distilled student's p-value as ``verify`` gives it."""
     import matplotlib
@@ -100,7 +101,7 @@ def plot(rows: list[dict], path: Path) -> None:
         axis.minorticks_off()
         axis.set_xlabel("amplitude ε")
 
-    def by_amplitude(value) -> tuple[list[float], list[float]]:
+    def by_amplitude(value: Callable[[dict[str, Any]], float]) -> tuple[list[float], list[float]]:
         points = [(float(r["amplitude"]), value(r)) for r in rows]
         return [a for a, _ in points], [v for _, v in points]
 
@@ -125,7 +126,7 @@ def plot(rows: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict[str, Any]]) -> str:
     """One Markdown row per amplitude and seed."""
     lines = [
         "| amplitude | seed | accuracy − baseline | queries to p < 1e-6 | student acc | student p (verify) | named |",
@@ -152,7 +153,7 @@ def main() -> None:
     parser.add_argument("--replot", type=Path, nargs="+", help="only plot and tabulate these frontier.csv files")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     if args.replot:
         for path in args.replot:
             rows.extend(csv.DictReader(path.open()))
@@ -160,16 +161,16 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             base = ROOT / "configs/digits/baseline.yaml"
             run_cli(["fit", "--config", str(base), "--seed_everything", str(seed)], Path(tmp))
-            baseline = _test_accuracy(base, Path(tmp) / "outputs/digits/baseline/last.ckpt", Path(tmp))
+            baseline = test_accuracy(base, Path(tmp) / "outputs/digits/baseline/last.ckpt", Path(tmp))
         for amplitude in args.amplitudes:
             with tempfile.TemporaryDirectory() as tmp:
                 rows.append({"baseline_accuracy": baseline, **measure(amplitude, seed, args, Path(tmp))})
             print(f"# {rows[-1]}", file=sys.stderr, flush=True)
-        with open(args.out / "frontier.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
     rows.sort(key=lambda r: (float(r["amplitude"]), int(r["seed"])))
+    with open(args.out / "frontier.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     plot(rows, args.out / "frontier.png")
     print(table(rows))
 

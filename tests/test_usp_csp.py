@@ -303,7 +303,8 @@ def test_csp_tests_a_stolen_copy_in_50_queries_against_more_null_projections(csp
     assert wide.is_watermarked
     assert wide.details["customer"] == "alice"
     assert wide.p_value < shipped.p_value
-    assert wide.p_value == pytest.approx(2 * (1 + wide.details["per_customer"]["alice"]["null_exceed"]) / 70_000)
+    exceed = wide.details["per_customer"]["alice"]["null_exceed"]
+    assert wide.p_value == pytest.approx(len(key.customers) * (1 + exceed) / 70_000)
     assert not key.verify(clean["cnn0"], alpha=ALPHA, inputs=x, null_keys=69_999).is_watermarked
     with pytest.raises(ValueError, match="null_keys"):
         key.verify(marked, inputs=x, null_keys=0)

@@ -187,8 +187,10 @@ class CSPKey(WatermarkKey):
         ``null_keys`` replaces the key's number N of null projections for this test (drawn from the key's null
         seed): the rank test is exact for any N fixed before the suspect is queried, and its resolution is
         ``1/(N + 1)``. A p-value below 1e-6 needs ``N + 1 > C·10^6`` for C
-        customers: ``key.verify(suspect, inputs=key.tensors["queries"][:50], null_keys=2_999_999)`` tests a stolen
-        copy in 50 queries (README, CSP's frontier), at a few seconds of scoring per customer.
+        customers: with two, ``key.verify(suspect, inputs=key.tensors["queries"][:50], null_keys=2_999_999)``
+        tests a stolen copy in 50 queries, at a few seconds of scoring per customer. Choose the queries and N
+        before querying; given ``inputs``, the degenerate-suspect check (which needs the queries' labels) is
+        skipped.
         """
         if null_keys is not None and null_keys != int(self.config["null_keys"]):
             if null_keys < 1:
