@@ -35,7 +35,7 @@ def run_cli(args: list[str], cwd: Path) -> str:
     return done.stdout
 
 
-def test_accuracy(config: Path, ckpt: Path, cwd: Path) -> float:
+def accuracy_on_test(config: Path, ckpt: Path, cwd: Path) -> float:
     """Test accuracy in % of ``ckpt`` under ``config``, as ``lightning-wm test`` prints it."""
     out = run_cli(["test", "--config", str(config), "--ckpt_path", str(ckpt)], cwd)
     return 100 * float(re.search(r"test/acc\s+([0-9.]+)", out).group(1))
@@ -72,7 +72,7 @@ def measure(configs: Path, name: str, seed: int, cwd: Path, extra: list[str]) ->
     common = ["--config", str(path), "--seed_everything", str(seed)]
     run_cli(["fit", *common, *(extra if name != "baseline" else [])], cwd)
     ckpt = _checkpoint(config, cwd)
-    row = {"acc": test_accuracy(path, ckpt, cwd)}
+    row = {"acc": accuracy_on_test(path, ckpt, cwd)}
     for scheme in (config.get("watermarks") or {}).values():
         key = cwd / scheme["init_args"]["key_path"]
         printed = run_cli(["verify", "--config", str(path), "--key", str(key), "--ckpt_path", str(ckpt)], cwd)

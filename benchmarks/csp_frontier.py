@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from config_costs import run_cli, test_accuracy
+from config_costs import accuracy_on_test, run_cli
 
 if TYPE_CHECKING:
     from lightning_wm.watermarks.csp import CSPKey
@@ -53,7 +53,7 @@ def measure(amplitude: float, seed: int, args: argparse.Namespace, cwd: Path) ->
     options = f"--watermarks.csp.init_args.signal.amplitude={amplitude}"
     run_cli(["fit", "--config", str(config), "--seed_everything", str(seed), options], cwd)
     ckpt = cwd / "outputs/digits/csp/last.ckpt"
-    accuracy = test_accuracy(config, ckpt, cwd)
+    accuracy = accuracy_on_test(config, ckpt, cwd)
     distillation = ROOT / "configs/attacks/distillation.yaml"
     run_cli(
         ["fit", "--config", str(distillation), "--seed_everything", str(seed), f"--model.init_args.victim={ckpt}"], cwd
@@ -161,7 +161,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             base = ROOT / "configs/digits/baseline.yaml"
             run_cli(["fit", "--config", str(base), "--seed_everything", str(seed)], Path(tmp))
-            baseline = test_accuracy(base, Path(tmp) / "outputs/digits/baseline/last.ckpt", Path(tmp))
+            baseline = accuracy_on_test(base, Path(tmp) / "outputs/digits/baseline/last.ckpt", Path(tmp))
         for amplitude in args.amplitudes:
             with tempfile.TemporaryDirectory() as tmp:
                 rows.append({"baseline_accuracy": baseline, **measure(amplitude, seed, args, Path(tmp))})
