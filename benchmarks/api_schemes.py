@@ -22,17 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from config_costs import run_cli
+from config_costs import run_cli, top1_accuracy
 
 if TYPE_CHECKING:
     from lightning_wm.watermarks.csp import CSPKey
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return 100 * float((model(x).argmax(-1) == y).float().mean())
 
 
 def _victim(seed: int, amplitude: float | None, cwd: Path) -> tuple[torch.nn.Module, CSPKey]:
@@ -87,7 +82,7 @@ def main() -> None:
     x_val = data.dataset("val").tensors[0]
     with tempfile.TemporaryDirectory() as tmp:
         model, csp = _victim(args.seed, args.amplitude, Path(tmp))
-    plain = _accuracy(model, x_test, y_test)
+    plain = top1_accuracy(model, x_test, y_test)
     print(f"model test accuracy {plain:.2f} (seed {args.seed})")
     print("| API | attack | API acc (model's) | student acc | queries (watermark) | p, both customers | named |")
     print("|---|---|---|---|---|---|---|")
@@ -104,9 +99,10 @@ def main() -> None:
                 }
                 keys["bob"].serve(model)(x_val)
                 api = keys["alice"].serve(model)
-            served = _accuracy(api if keys is None else DAWNHead(model, keys["alice"], record=False), x_test, y_test)
+            unlogged = api if keys is None else DAWNHead(model, keys["alice"], record=False)
+            served = top1_accuracy(unlogged, x_test, y_test)
             student, queries = _student(attack_name, api, args.seed)
-            accuracy = _accuracy(student, x_test, y_test)
+            accuracy = top1_accuracy(student, x_test, y_test)
             if keys is None:
                 verdict = csp.verify(student)
                 named, p = verdict.details["customer"], verdict.p_value

@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +40,12 @@ def accuracy_on_test(config: Path, ckpt: Path, cwd: Path) -> float:
     """Test accuracy in % of ``ckpt`` under ``config``, as ``lightning-wm test`` prints it."""
     out = run_cli(["test", "--config", str(config), "--ckpt_path", str(ckpt)], cwd)
     return 100 * float(re.search(r"test/acc\s+([0-9.]+)", out).group(1))
+
+
+def top1_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy in % of ``model`` on ``(x, y)``, in process (for models the CLI's ``test`` cannot load)."""
+    with torch.no_grad():
+        return 100 * float((model(x).argmax(-1) == y).float().mean())
 
 
 def _checkpoint(config: dict, cwd: Path) -> Path:

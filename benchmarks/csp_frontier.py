@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from config_costs import accuracy_on_test, run_cli
+from config_costs import accuracy_on_test, run_cli, top1_accuracy
 
 if TYPE_CHECKING:
     from lightning_wm.watermarks.csp import CSPKey
@@ -66,8 +66,7 @@ def measure(amplitude: float, seed: int, args: argparse.Namespace, cwd: Path) ->
     load_weights(student, student_ckpt)
     student.eval()
     x, y = DigitsDataModule().dataset("test").tensors[:2]
-    with torch.no_grad():
-        student_accuracy = 100 * float((student(x).argmax(-1) == y).float().mean())
+    student_accuracy = top1_accuracy(student, x, y)
     marked_p = _p_values(key, marked, args.queries, args.null_keys)
     student_p = _p_values(key, student, args.queries, args.null_keys)
     shipped = key.verify(student)
