@@ -43,7 +43,7 @@ def _model(tiny: bool, outputs: int) -> ImageClassifier:
 
 
 def overhead_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """One row per configuration (plain first): ms/step, samples/s, overhead ratio (median and min of rounds)."""
+    """One row per configuration (plain first): ms/step, samples/s, overhead ratio (median of rounds, fastest runs)."""
     specs = registry.schemes()
     names = sorted(specs)[:2] if args.tiny else sorted(specs)
     if args.schemes:

@@ -111,7 +111,7 @@ class WatermarkTrainer(L.Trainer):
         accuracy_budget: float = 5.0,
         output_dir: str = "outputs/benchmark",
         overhead: bool = False,
-        overhead_epochs: int = 3,
+        overhead_epochs: int | None = None,
         overhead_repeats: int = 5,
         rerun: list[str] | None = None,
         verbose: bool = False,
@@ -137,7 +137,8 @@ class WatermarkTrainer(L.Trainer):
             accuracy_budget: accuracy points an attacker accepts to lose.
             output_dir: cache of finished cells and the reports.
             overhead: measure training throughput with each scheme against plain training instead.
-            overhead_epochs: epochs of each overhead run (the first is warm-up).
+            overhead_epochs: epochs of each overhead run (the first is warm-up; default ``embed_epochs``, so that
+                work a scheme does every few epochs weighs as in the embedding it measures).
             overhead_repeats: round-robin repeats of the overhead runs.
             rerun: schemes whose cells are recomputed even when cached (after a change of their code).
             verbose: show Lightning's messages for every Trainer the benchmark builds.
@@ -159,7 +160,7 @@ class WatermarkTrainer(L.Trainer):
                 datamodule,
                 schemes,
                 scheme_models=scheme_models,
-                epochs=overhead_epochs,
+                epochs=overhead_epochs or embed_epochs,
                 repeats=overhead_repeats,
                 trainer_kwargs=self.benchmark_trainer_kwargs,
             )

@@ -158,12 +158,18 @@ def test_overhead_is_reported_as_ratios_to_plain_training(tmp_path):
         DigitsDataModule(batch_size=64),
         {"uchida": UchidaWatermark(layer="conv3", bits=32, seed=1)},
         epochs=2,
-        repeats=1,
+        repeats=2,
     )
     by_name = {r["scheme"]: r for r in rows}
     assert by_name["plain"]["slowdown"] == pytest.approx(1.0)
-    assert by_name["uchida"]["samples_per_s"] > 0
-    assert by_name["uchida"]["slowdown"] > 0
+    assert by_name["plain"]["slowdown_min"] == pytest.approx(1.0)
+    uchida = by_name["uchida"]
+    assert uchida["samples_per_s"] > 0
+    assert len(uchida["steady_s"]) == 2
+    ratios = [t / p for t, p in zip(uchida["steady_s"], by_name["plain"]["steady_s"], strict=True)]
+    assert uchida["slowdown"] == pytest.approx(sum(ratios) / 2), "the median of the paired rounds"
+    assert min(ratios) <= uchida["slowdown_low"] <= uchida["slowdown"] <= uchida["slowdown_high"] <= max(ratios)
+    assert uchida["slowdown_min"] == pytest.approx(min(uchida["steady_s"]) / min(by_name["plain"]["steady_s"]))
 
 
 def test_cli_benchmark_logs_a_run_per_cell_and_a_summary_run_to_offline_wandb(tmp_path, monkeypatch, capsys):

@@ -327,6 +327,28 @@ def test_usp_fits_its_detector_at_the_end_of_training_when_the_last_epoch_skips_
         USPWatermark(embedding={"detector_every": 0})
 
 
+def test_usp_takes_the_nasty_teacher_term_at_every_kth_step_on_its_rows(dm: DigitsDataModule) -> None:
+    """divergence_every=4, divergence_rows=16: the reference sees 16 rows at steps 0, 4, 8, ... and no others."""
+    scheme = USPWatermark(
+        seed=4,
+        num_queries=100,
+        references={"count": 1, "calibration": 1, "epochs": 1, "prune_rates": ()},
+        embedding={"divergence_every": 4, "divergence_rows": 16, "detector_steps": 1},
+    )
+    seen: list[int] = []
+
+    class Counting(L.Callback):
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            scheme._reference.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+
+    L.seed_everything(0)
+    trainer = _trainer(2, [scheme, Counting()])
+    trainer.fit(ImageClassifier(SmallCNN(1, 10, 8)), dm)
+    assert seen == [16] * len(range(0, trainer.global_step, 4))
+    with pytest.raises(ValueError, match="divergence_every"):
+        USPWatermark(embedding={"divergence_every": 0})
+
+
 def test_usp_reference_pool_gives_a_rerun_the_same_references(dm: DigitsDataModule) -> None:
     """A second run with the same key and data reads its references from the pool: same negatives and null."""
     options = {"count": 1, "calibration": 1, "epochs": 1, "prune_rates": (0.5,)}

@@ -43,7 +43,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader
 
@@ -208,8 +207,11 @@ class EmbeddingOptions:
         detector_every: D is fitted at the end of every ``detector_every``-th epoch and at the end of training
             (if the last epoch was not one of them), so the key's detector always matches the final model; a
             nested fit costs as much as several of a small model's steps, so fitting less often amortises it.
-        divergence_rows: the Nasty-Teacher term is taken on the first ``divergence_rows`` rows of each batch
-            (0: all rows): an unbiased estimate of the batch mean that spares most of the reference's forward pass.
+        divergence_rows: the Nasty-Teacher term is taken on the first ``divergence_rows`` rows of a batch (0: all
+            rows): an unbiased estimate of the batch mean that spares part of the reference's forward pass.
+        divergence_every: the Nasty-Teacher term is taken at every ``divergence_every``-th step only, with its
+            weight multiplied by ``divergence_every``: the same expected gradient, at a fraction of the reference's
+            forward passes (with ``divergence_rows``, a sixteenth of them on batches of 64).
         pattern_weight: μ, weight of the term that writes the secret pattern S into the tails (the owner-specific
             half of the verdict: 0 embeds none, and such a model is never declared).
     """
@@ -221,8 +223,9 @@ class EmbeddingOptions:
     detector_lr: float = 1e-3
     detector_steps: int = 15
     detector_batch_size: int = 2048
-    detector_every: int = 2
+    detector_every: int = 3
     divergence_rows: int = 16
+    divergence_every: int = 4
     pattern_weight: float = 1.0
 
 
@@ -312,9 +315,11 @@ class USPWatermark(WatermarkScheme):
             raise ValueError(f"null_rate must be in [0, 1), got {self.verification.null_rate}")
         if not 0.0 <= self.verification.null_margin < 1.0:
             raise ValueError(f"null_margin must be in [0, 1), got {self.verification.null_margin}")
-        if self.embedding.detector_every < 1 or self.embedding.divergence_rows < 0:
+        embedding = self.embedding
+        if embedding.detector_every < 1 or embedding.divergence_every < 1 or embedding.divergence_rows < 0:
             raise ValueError(
-                "USPWatermark needs embedding.detector_every >= 1 and embedding.divergence_rows >= 0, "
+                "USPWatermark needs embedding.detector_every >= 1, embedding.divergence_every >= 1 and "
+                "embedding.divergence_rows >= 0, "
                 f"got {self.embedding}"
             )
         if self.references.count < 1 or self.references.calibration < 0 or self.references.epochs < 1:
@@ -330,6 +335,8 @@ class USPWatermark(WatermarkScheme):
         self._calibration_probs: list[Tensor] = []
         self._positives: list[Tensor] = []
         self._detector: nn.Sequential | None = None
+        self._frozen_detector: nn.Sequential | None = None
+        self._negative_features: Tensor | None = None
         self._fits = 0
 
     @property
@@ -378,6 +385,8 @@ class USPWatermark(WatermarkScheme):
 
     def on_key_ready(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._detector = self.key.detector().train()
+        self._frozen_detector = self.key.detector().requires_grad_(False)
+        self._negative_features = None
         self._positives = []
         base = getattr(pl_module, "backbone", None)
         if base is None:
@@ -462,18 +471,19 @@ class USPWatermark(WatermarkScheme):
                 f"use is {self._identity()[:12]}; resume with the original key_path"
             )
         assert self._detector is not None
+        assert self._frozen_detector is not None
         self._detector.to(pl_module.device)
+        self._frozen_detector.to(pl_module.device)
 
     def training_loss(self, pl_module: L.LightningModule, batch: Any, output: Any) -> Tensor:
-        assert self._detector is not None
+        assert self._frozen_detector is not None
         assert self._reference is not None
         x = batch[0]
         logits = output["logits"] if isinstance(output, dict) and "logits" in output else pl_module(x)
         options = self.embedding
         with torch.autocast(logits.device.type, enabled=False):
             log_probs = F.log_softmax(logits.float(), -1)
-            params = {n: p.detach() for n, p in self._detector.named_parameters()}
-            score = functional_call(self._detector, params, (detector_features(log_probs),))
+            score = self._frozen_detector(detector_features(log_probs))
             loss = options.detector_weight * F.binary_cross_entropy_with_logits(score, torch.ones_like(score))
             if options.pattern_weight > 0:
                 labels = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
@@ -482,14 +492,14 @@ class USPWatermark(WatermarkScheme):
                 if logs_this_step(pl_module):
                     pl_module.log("wm/usp/pattern_alignment", alignment.detach().mean(), on_step=True, on_epoch=False)
                 loss = loss + options.pattern_weight * (1.0 - alignment.mean())
-            if options.divergence > 0:
+            if options.divergence > 0 and pl_module.global_step % options.divergence_every == 0:
                 rows = options.divergence_rows or len(x)
                 with torch.no_grad():
                     reference = self._reference(x[:rows]).float()
                 kl = nasty_teacher_divergence(logits[:rows], reference, options.temperature)
                 if logs_this_step(pl_module):
                     pl_module.log("wm/usp/kl", kl.detach(), on_step=True, on_epoch=False)
-                loss = loss - options.divergence * options.temperature**2 * kl
+                loss = loss - options.divergence_every * options.divergence * options.temperature**2 * kl
         return loss
 
     def on_train_batch_end(
@@ -510,8 +520,10 @@ class USPWatermark(WatermarkScheme):
         assert self._negatives is not None
         positives = torch.cat(self._positives)
         self._positives = []
-        negatives = self._negatives
-        features = detector_features(F.log_softmax(torch.cat([positives, negatives]), -1))
+        if self._negative_features is None:
+            self._negative_features = detector_features(F.log_softmax(self._negatives, -1))
+        negatives = self._negative_features
+        features = torch.cat([detector_features(F.log_softmax(positives, -1)), negatives])
         labels = torch.cat([torch.ones(len(positives)), torch.zeros(len(negatives))])
         total = len(positives) + len(negatives)
         weights = torch.cat(
@@ -525,10 +537,15 @@ class USPWatermark(WatermarkScheme):
         module = DetectorModule(self._detector.cpu().train(), options.detector_lr)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(self._identity()[24:33], 16) + self._fits)
-            order = torch.randperm(len(labels)).split(options.detector_batch_size)
-            loader = DataLoader([(features[i], labels[i], weights[i]) for i in order], batch_size=None, shuffle=True)
+            # the batches of one shuffled pass over the rows, as many as the fit takes (a new pass if it takes more)
+            drawn = options.detector_steps * options.detector_batch_size
+            order = torch.cat([torch.randperm(total) for _ in range(-(-drawn // total))])[:drawn]
+            batches = [(features[i], labels[i], weights[i]) for i in order.split(options.detector_batch_size)]
+            loader = DataLoader(batches, batch_size=None)
             quiet_trainer(max_steps=options.detector_steps, max_epochs=-1).fit(module, train_dataloaders=loader)
         self._detector.to(device)
+        assert self._frozen_detector is not None
+        self._frozen_detector.load_state_dict(self._detector.state_dict())
         self._fits += 1
 
     def _refresh_key(self) -> None:
@@ -590,6 +607,8 @@ class USPWatermark(WatermarkScheme):
         assert self._detector is not None
         state = trainer.strategy.broadcast({n: t.cpu() for n, t in self._detector.state_dict().items()}, src=0)
         self._detector.load_state_dict(state)
+        assert self._frozen_detector is not None
+        self._frozen_detector.load_state_dict(state)
         self._key = trainer.strategy.broadcast(self._key, src=0)
         if self.key_path and trainer.is_global_zero:
             self.key.save_key(Path(self.key_path))
