@@ -8,13 +8,20 @@ For each seed it runs, in a fresh working directory, ``lightning-wm fit`` of the
 config's comment says), with ``--seed_everything`` set, and prints one Markdown row per config: accuracy per
 seed, mean minus the baseline's mean, and how many final models were declared (with the largest p-value). Extra
 ``lightning-wm fit`` options for every config go after ``--``.
+
+A Fashion-MNIST fit takes minutes on a CPU, so a table can be gathered over several runs: with ``--results FILE``
+every measured row is added to that JSON file as it finishes, and a row already there (same dataset, config,
+seed, config text, baseline text and extra options) is read back instead of rerun; with ``--workdir DIR`` the
+fits of seed S stay in ``DIR/seed-S``, where configs that fine-tune the baseline find its checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -77,6 +84,10 @@ def measure(configs: Path, name: str, seed: int, cwd: Path, extra: list[str]) ->
     path = configs / f"{name}.yaml"
     config = yaml.safe_load(path.read_text())
     common = ["--config", str(path), "--seed_everything", str(seed)]
+    checkpoint, *keys = _outputs(config)
+    shutil.rmtree(cwd / Path(checkpoint).parent, ignore_errors=True)  # a fresh fit, from a fresh key:
+    for key in keys:  # an earlier run's key file left in ``cwd`` would be taken up, not redrawn
+        (cwd / key).unlink(missing_ok=True)
     run_cli(["fit", *common, *(extra if name != "baseline" else [])], cwd)
     ckpt = _checkpoint(config, cwd)
     row = {"acc": accuracy_on_test(path, ckpt, cwd)}
@@ -88,6 +99,13 @@ def measure(configs: Path, name: str, seed: int, cwd: Path, extra: list[str]) ->
     return row
 
 
+def row_key(configs: Path, dataset: str, name: str, seed: int, extra: list[str]) -> str:
+    """What a measured row depends on: the config's and the baseline's text, the seed and the extra options."""
+    texts = [(configs / f"{n}.yaml").read_text() for n in (name, "baseline")]
+    digest = hashlib.sha256(json.dumps([texts, extra if name != "baseline" else []]).encode()).hexdigest()[:16]
+    return f"{dataset}/{name}/seed-{seed}/{digest}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="digits", choices=["digits", "fashion_mnist"])
@@ -96,16 +114,34 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--configs", nargs="+", required=True)
+    parser.add_argument("--results", type=Path, default=None, help="JSON file of measured rows, reused and extended")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep each seed's fits in DIR/seed-S")
     parser.add_argument("extra", nargs="*", help="options added to every config's fit (after --)")
     args = parser.parse_args()
     configs = (args.config_dir or ROOT / "configs" / args.dataset).resolve()
     results: dict[str, dict[int, dict]] = {name: {} for name in ["baseline", *args.configs]}
     _check_distinct_outputs(configs, list(results))
+    stored: dict[str, dict] = json.loads(args.results.read_text()) if args.results and args.results.exists() else {}
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
+            cwd = (args.workdir / f"seed-{seed}") if args.workdir else Path(tmp)
+            cwd.mkdir(parents=True, exist_ok=True)
             for name in results:
-                results[name][seed] = measure(configs, name, seed, Path(tmp), args.extra)
+                key = row_key(configs, args.dataset, name, seed, args.extra)
+                if key in stored:
+                    results[name][seed] = stored[key]
+                    continue
+                needs_baseline = "pretrained" in (configs / f"{name}.yaml").read_text()
+                if (
+                    needs_baseline
+                    and not _checkpoint(yaml.safe_load((configs / "baseline.yaml").read_text()), cwd).exists()
+                ):
+                    measure(configs, "baseline", seed, cwd, args.extra)
+                results[name][seed] = stored[key] = measure(configs, name, seed, cwd, args.extra)
                 print(f"# {name} seed {seed}: {results[name][seed]}", file=sys.stderr, flush=True)
+                if args.results:
+                    args.results.parent.mkdir(parents=True, exist_ok=True)
+                    args.results.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
     base = sum(r["acc"] for r in results["baseline"].values()) / len(args.seeds)
     print("| config | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean − baseline | declared |")
     print("|---|" + "---|" * (len(args.seeds) + 2))

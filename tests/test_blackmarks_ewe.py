@@ -118,3 +118,28 @@ def test_ewe_keys_shrink_to_the_source_images_an_attackers_split_has() -> None:
     assert verify >= MIN_VERIFY
     with pytest.raises(ValueError, match="lower num_keys or num_verify"):
         shares_of_source_images(MIN_VERIFY, 40, 30, source=1)
+
+
+def test_ewe_learns_a_temperature_per_layer_down_its_snnl_and_still_declares_its_model(dm) -> None:
+    """temperature_lr > 0 (the paper's learned temperatures): every entangled layer's temperature moves from its
+    start, stays in bounds, goes into the callback's checkpoint state, and the marked model is still declared."""
+    import lightning as L
+    from conftest import fast_trainer
+
+    from lightning_wm.watermarks.ewe import TEMPERATURE_RANGE
+
+    scheme = EWEWatermark(num_keys=30, num_verify=40, key_ratio=0.25, seed=3, temperature_lr=0.1)
+    L.seed_everything(3)
+    model = example_model("ewe")
+    fast_trainer(5, [scheme]).fit(model, dm)
+    assert sorted(scheme.temperatures) == ["backbone.conv2", "backbone.conv3", "backbone.fc"]
+    assert all(TEMPERATURE_RANGE[0] <= t <= TEMPERATURE_RANGE[1] for t in scheme.temperatures.values())
+    assert all(abs(t - 1.0) > 1e-3 for t in scheme.temperatures.values()), scheme.temperatures
+    assert scheme.state_dict()["temperatures"] == scheme.temperatures
+    verdict = scheme.verify(model.eval())
+    assert verdict.is_watermarked, verdict
+    fixed = EWEWatermark(num_keys=30, num_verify=40, key_ratio=0.25, seed=3)
+    fast_trainer(1, [fixed]).fit(example_model("ewe"), dm)
+    assert fixed.temperatures == {}
+    with pytest.raises(ValueError, match="temperature_lr"):
+        EWEWatermark(temperature_lr=-1.0)

@@ -1,7 +1,8 @@
 """Training-time overhead of each scheme against plain training, measured side by side in one process.
 
-Every configuration (plain, then each scheme) is trained in turn, ``repeats`` times round-robin so that drifts of
-a shared machine spread over all of them; the first epoch of every run (key generation, warm-up) is left out, and
+Every configuration (plain and each scheme) is trained in turn, ``repeats`` times round-robin so that drifts of
+a shared machine spread over all of them, each round starting one configuration further so that none always
+runs first; the first epoch of every run (key generation, warm-up) is left out, and
 validation is off. Every configuration takes the same task batches, so the cost of a scheme is the ratio of its
 steady epochs' wall time to plain training's, whatever it adds to a batch (a trigger set's key images are part of
 its cost). Two estimates are reported: the median of the ratios paired within each round, and the ratio of each
@@ -87,8 +88,9 @@ def measure_overhead(
         raise ValueError("repeats must be at least 1")
     runs: dict[str, list[_Run]] = {"plain": [], **{name: [] for name in schemes}}
     scheme_models = scheme_models or {}
-    for _ in range(repeats):
-        for name in runs:
+    names = list(runs)
+    for round_ in range(repeats):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             template = scheme_models.get(name, model)
             timer = EpochTimer()
             callbacks: list[Callback] = [timer]

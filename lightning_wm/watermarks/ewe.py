@@ -32,6 +32,7 @@ from lightning_wm.registry import SchemeSpec
 from lightning_wm.verify.blackbox import Suspect, query_labels
 from lightning_wm.verify.stats import empirical_p_value
 from lightning_wm.verify.verdict import Verdict
+from lightning_wm.watermarks.base import logs_this_step
 from lightning_wm.watermarks.functional import soft_nearest_neighbor_loss
 from lightning_wm.watermarks.key_samples import ContentTrigger, training_tensors
 from lightning_wm.watermarks.trigger_set import (
@@ -202,8 +203,12 @@ class EWEWatermark(TriggerSetWatermark):
 
     The paper's settings (MNIST / Fashion-MNIST): source class 1 (here drawn from the key's secret unless given),
     target class 7, SNNL at three hidden layers, a watermark-to-task batch ratio and a temperature per layer that
-    the paper optimises; here the temperature is fixed and the features L2-normalised (maximising the SNNL of raw
-    features also pushes the watermarked images apart without bound, which destabilised training on digits; see
+    the paper learns (its code: initial temperatures 1, ``t_lr`` 0.1, cosine distance): with ``temperature_lr > 0``
+    each layer's temperature takes a gradient step on that layer's SNNL after every step, T ← T − η_T ∂SNNL/∂T, so
+    the model is entangled at the temperature where the two groups look most apart (the step is averaged over the
+    processes of a distributed fit, so they keep one temperature per layer). The features are L2-normalised (the
+    paper's cosine metric; maximising the SNNL of raw features also pushes the watermarked images apart without
+    bound, which destabilised training on digits; see
     :func:`~lightning_wm.watermarks.functional.soft_nearest_neighbor_loss`), and the keys are mixed into each
     batch. The stamp is ``stamp_size`` of the image width, its pixels and position secret (the paper picks the
     position by saliency on a trained model).
@@ -215,7 +220,8 @@ class EWEWatermark(TriggerSetWatermark):
         layers: names of the modules whose outputs are entangled; None takes the last three ``Conv2d``/``Linear``
             layers before the output layer.
         snnl_weight: weight of the SNNL term (the paper's "factors").
-        temperature: the SNNL temperature.
+        temperature: the SNNL temperature (every layer's initial one when ``temperature_lr > 0``).
+        temperature_lr: η_T of the learned temperatures (the paper's code: 0.1); 0 keeps ``temperature`` fixed.
         stamp_size: width of the secret stamp as a fraction of the image width.
         null_triggers: null triggers the rank p-value uses (its resolution is ``1 / (N + 1)``).
         move_target: let the SNNL term move the target class's features too, as the paper does; by default they
@@ -234,6 +240,7 @@ class EWEWatermark(TriggerSetWatermark):
         layers: list[str] | None = None,
         snnl_weight: float = 0.1,
         temperature: float = 1.0,
+        temperature_lr: float = 0.0,
         stamp_size: float = 0.25,
         null_triggers: int = 499,
         move_target: bool = False,
@@ -249,9 +256,10 @@ class EWEWatermark(TriggerSetWatermark):
     ) -> None:
         if source_class is not None and source_class == target_class:
             raise ValueError(f"source_class and target_class are both {source_class}")
-        if temperature <= 0 or snnl_weight < 0:
+        if temperature <= 0 or snnl_weight < 0 or temperature_lr < 0:
             raise ValueError(
-                f"temperature must be positive and snnl_weight non-negative, got {temperature}, {snnl_weight}"
+                "temperature must be positive and snnl_weight and temperature_lr non-negative, got "
+                f"{temperature}, {snnl_weight}, {temperature_lr}"
             )
         if null_triggers < 1:
             raise ValueError(f"null_triggers must be positive, got {null_triggers}")
@@ -272,6 +280,8 @@ class EWEWatermark(TriggerSetWatermark):
         self.layers = list(layers) if layers is not None else None
         self.snnl_weight = snnl_weight
         self.temperature = temperature
+        self.temperature_lr = temperature_lr
+        self.temperatures: dict[str, float] = {}
         self.stamp_size = stamp_size
         self.null_triggers = null_triggers
         self.move_target = move_target
@@ -427,12 +437,45 @@ class EWEWatermark(TriggerSetWatermark):
         if int((rows & ~is_key).sum()) < 1:
             return None
         terms = [
-            soft_nearest_neighbor_loss(self._anchored(features, is_key)[rows], is_key[rows], self.temperature)
-            for features in self._features.values()
+            self._layer_snnl(pl_module, name, self._anchored(features, is_key)[rows], is_key[rows])
+            for name, features in self._features.items()
             if len(features) == len(labels)
         ]
         self._features = {}
         return -self.snnl_weight * torch.stack(terms).sum() if terms else None
+
+    def _layer_snnl(self, pl_module: L.LightningModule, layer: str, features: Tensor, is_key: Tensor) -> Tensor:
+        """The layer's SNNL at its temperature; with ``temperature_lr``, then the temperature's step down its SNNL."""
+        if self.temperature_lr == 0:
+            return soft_nearest_neighbor_loss(features, is_key, self.temperature)
+        temperature = torch.tensor(
+            self.temperatures.get(layer, self.temperature), device=features.device, requires_grad=True
+        )
+        term = soft_nearest_neighbor_loss(features, is_key, temperature)
+        (grad,) = torch.autograd.grad(term, temperature, retain_graph=True)
+        grad = pl_module.trainer.strategy.reduce(grad.detach(), reduce_op="mean")
+        stepped = float((temperature.detach() - self.temperature_lr * grad).clamp(*TEMPERATURE_RANGE))
+        self.temperatures[layer] = stepped
+        if logs_this_step(pl_module):
+            pl_module.log(f"wm/ewe/temperature/{layer}", stepped, on_step=True, on_epoch=False)
+        return term
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.temperatures = {}  # a fresh fit starts from ``temperature``; a resumed one reads its own back
+        super().setup(trainer, pl_module, stage)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        return {**state, "temperatures": dict(self.temperatures)} if state and self.temperatures else state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.temperatures = dict(state_dict.get("temperatures") or {})
+
+
+TEMPERATURE_RANGE = (1e-2, 1e2)
+"""Bounds of a learned temperature: the distances of L2-normalised features lie in [0, 4]."""
 
 
 def _example(seed: int | None = None, key_path: str | None = None) -> EWEWatermark:

@@ -169,7 +169,7 @@ def nasty_teacher_divergence(logits: Tensor, reference_logits: Tensor, temperatu
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
-def soft_nearest_neighbor_loss(features: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+def soft_nearest_neighbor_loss(features: Tensor, labels: Tensor, temperature: float | Tensor = 1.0) -> Tensor:
     """Frosst et al.'s soft nearest neighbour loss (SNNL) of ``features`` ``(N, ...)`` under ``labels`` ``(N,)``:
     ``−mean_i log(Σ_{j≠i, y_j=y_i} e^{−d_ij/T} / Σ_{k≠i} e^{−d_ik/T})``.
 
@@ -177,7 +177,8 @@ def soft_nearest_neighbor_loss(features: Tensor, labels: Tensor, temperature: fl
     apart. ``d`` is the squared Euclidean distance between L2-normalised features (``2 − 2 cos``, in ``[0, 4]``):
     maximising the raw loss (as EWE does) also pushes each class's points apart, which on raw features grows them
     without bound; on the unit sphere it cannot, and ``temperature`` keeps one meaning at every layer. Rows without
-    a neighbour of their own class are left out. Computed in log space.
+    a neighbour of their own class are left out. Computed in log space; ``temperature`` may be a 0-d tensor to
+    differentiate with respect to (EWE learns it).
     """
     flat = F.normalize(features.flatten(1).float(), dim=1)
     distances = (2.0 - 2.0 * flat @ flat.t()).clamp_min(0.0)
