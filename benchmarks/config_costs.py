@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", required=True)
     parser.add_argument("--results", type=Path, default=None, help="JSON file of measured rows, reused and extended")
     parser.add_argument("--workdir", type=Path, default=None, help="keep each seed's fits in DIR/seed-S")
+    parser.add_argument("--cached-only", action="store_true", help="print the table of the --results rows, fit none")
     parser.add_argument("extra", nargs="*", help="options added to every config's fit (after --)")
     args = parser.parse_args()
     configs = (args.config_dir or ROOT / "configs" / args.dataset).resolve()
@@ -131,6 +132,8 @@ def main() -> None:
                 if key in stored:
                     results[name][seed] = stored[key]
                     continue
+                if args.cached_only:
+                    continue
                 needs_baseline = "pretrained" in (configs / f"{name}.yaml").read_text()
                 if (
                     needs_baseline
@@ -142,20 +145,26 @@ def main() -> None:
                 if args.results:
                     args.results.parent.mkdir(parents=True, exist_ok=True)
                     args.results.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
-    base = sum(r["acc"] for r in results["baseline"].values()) / len(args.seeds)
-    print("| config | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean − baseline | declared |")
-    print("|---|" + "---|" * (len(args.seeds) + 2))
+    print_table(results, args.seeds)
+
+
+def print_table(results: dict[str, dict[int, dict]], seeds: list[int]) -> None:
+    """One Markdown row per config: accuracy per seed ("–" where not measured), the mean over the measured seeds of
+    accuracy minus the baseline's of the same seed, and the verdicts."""
+    base = results["baseline"]
+    print("| config | " + " | ".join(f"seed {s}" for s in seeds) + " | mean − baseline | declared |")
+    print("|---|" + "---|" * (len(seeds) + 2))
     for name, rows in results.items():
-        accs = [rows[s]["acc"] for s in args.seeds]
-        mean = sum(accs) / len(accs)
-        delta = "–" if name == "baseline" else f"{mean - base:+.2f}"
+        accs = [f"{rows[s]['acc']:.2f}" if s in rows else "–" for s in seeds]
+        paired = [rows[s]["acc"] - base[s]["acc"] for s in seeds if s in rows and s in base]
+        delta = "–" if name == "baseline" or not paired else f"{sum(paired) / len(paired):+.2f}"
         declared = [r for r in rows.values() if "declared" in r]
         verdicts = (
             f"{sum(r['declared'] for r in declared)}/{len(declared)} (largest p {max(r['p'] for r in declared):.2g})"
             if declared
             else "–"
         )
-        print(f"| {name} | " + " | ".join(f"{a:.2f}" for a in accs) + f" | {delta} | {verdicts} |")
+        print(f"| {name} | " + " | ".join(accs) + f" | {delta} | {verdicts} |")
 
 
 if __name__ == "__main__":
