@@ -282,6 +282,8 @@ class EWEWatermark(TriggerSetWatermark):
         self.temperature = temperature
         self.temperature_lr = temperature_lr
         self.temperatures: dict[str, float] = {}
+        self._temperature_grads: dict[str, Tensor] = {}
+        self._entangled: list[str] = []
         self.stamp_size = stamp_size
         self.null_triggers = null_triggers
         self.move_target = move_target
@@ -380,7 +382,9 @@ class EWEWatermark(TriggerSetWatermark):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._remove_hooks()
-        for name, module in self.entangled_modules(pl_module).items():
+        entangled = self.entangled_modules(pl_module)
+        self._entangled = list(entangled)
+        for name, module in entangled.items():
             self._handles.append(module.register_forward_hook(self._keep_features(name)))
 
     def _keep_features(self, name: str) -> Any:
@@ -445,20 +449,45 @@ class EWEWatermark(TriggerSetWatermark):
         return -self.snnl_weight * torch.stack(terms).sum() if terms else None
 
     def _layer_snnl(self, pl_module: L.LightningModule, layer: str, features: Tensor, is_key: Tensor) -> Tensor:
-        """The layer's SNNL at its temperature; with ``temperature_lr``, then the temperature's step down its SNNL."""
+        """The layer's SNNL at its temperature; with ``temperature_lr``, also its gradient in the temperature."""
         if self.temperature_lr == 0:
             return soft_nearest_neighbor_loss(features, is_key, self.temperature)
         temperature = torch.tensor(
             self.temperatures.get(layer, self.temperature), device=features.device, requires_grad=True
         )
         term = soft_nearest_neighbor_loss(features, is_key, temperature)
-        (grad,) = torch.autograd.grad(term, temperature, retain_graph=True)
-        grad = pl_module.trainer.strategy.reduce(grad.detach(), reduce_op="mean")
-        stepped = float((temperature.detach() - self.temperature_lr * grad).clamp(*TEMPERATURE_RANGE))
-        self.temperatures[layer] = stepped
-        if logs_this_step(pl_module):
-            pl_module.log(f"wm/ewe/temperature/{layer}", stepped, on_step=True, on_epoch=False)
+        (self._temperature_grads[layer],) = torch.autograd.grad(term, temperature, retain_graph=True)
         return term
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.temperature_lr > 0:
+            self._step_temperatures(trainer, pl_module)
+
+    def _step_temperatures(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """T ← T − η_T · (mean over the processes that took the layer's SNNL this step of ∂SNNL/∂T).
+
+        Every process reaches this hook at every step, and all reduce one tensor of fixed size (a batch without a
+        target-class image takes no SNNL, so the term's own code path would not be reached by all of them).
+        """
+        layers, grads = self._entangled, self._temperature_grads
+        local = torch.tensor(
+            [float(grads[n]) if n in grads else 0.0 for n in layers] + [float(n in grads) for n in layers],
+            device=pl_module.device,
+        )
+        self._temperature_grads = {}
+        total = trainer.strategy.reduce(local, reduce_op="sum")
+        sums, counts = total[: len(layers)], total[len(layers) :]
+        for i, layer in enumerate(layers):
+            if counts[i] > 0:
+                stepped = self.temperatures.get(layer, self.temperature) - self.temperature_lr * float(
+                    sums[i] / counts[i]
+                )
+                self.temperatures[layer] = min(max(stepped, TEMPERATURE_RANGE[0]), TEMPERATURE_RANGE[1])
+                if logs_this_step(pl_module):
+                    pl_module.log(f"wm/ewe/temperature/{layer}", self.temperatures[layer], on_step=True, on_epoch=False)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
