@@ -473,18 +473,15 @@ class EWEWatermark(TriggerSetWatermark):
         target-class image takes no SNNL, so the term's own code path would not be reached by all of them).
         """
         layers, grads = self._entangled, self._temperature_grads
-        local = torch.tensor(
-            [float(grads[n]) if n in grads else 0.0 for n in layers] + [float(n in grads) for n in layers],
-            device=pl_module.device,
-        )
+        zero = torch.zeros((), device=pl_module.device)
+        took = [torch.ones_like(zero) if n in grads else zero for n in layers]
+        local = torch.stack([grads.get(n, zero).to(zero) for n in layers] + took)
         self._temperature_grads = {}
-        total = trainer.strategy.reduce(local, reduce_op="sum")
+        total = trainer.strategy.reduce(local, reduce_op="sum").tolist()  # one transfer to the host per step
         sums, counts = total[: len(layers)], total[len(layers) :]
-        for i, layer in enumerate(layers):
-            if counts[i] > 0:
-                stepped = self.temperatures.get(layer, self.temperature) - self.temperature_lr * float(
-                    sums[i] / counts[i]
-                )
+        for layer, grad_sum, count in zip(layers, sums, counts, strict=True):
+            if count > 0:
+                stepped = self.temperatures.get(layer, self.temperature) - self.temperature_lr * grad_sum / count
                 self.temperatures[layer] = min(max(stepped, TEMPERATURE_RANGE[0]), TEMPERATURE_RANGE[1])
                 if logs_this_step(pl_module):
                     pl_module.log(f"wm/ewe/temperature/{layer}", self.temperatures[layer], on_step=True, on_epoch=False)

@@ -544,8 +544,6 @@ class USPWatermark(WatermarkScheme):
             loader = DataLoader(batches, batch_size=None)
             quiet_trainer(max_steps=options.detector_steps, max_epochs=-1).fit(module, train_dataloaders=loader)
         self._detector.to(device)
-        assert self._frozen_detector is not None
-        self._frozen_detector.load_state_dict(self._detector.state_dict())
         self._fits += 1
 
     def _refresh_key(self) -> None:
