@@ -8,12 +8,11 @@ student extracted through it by each extraction attack, and every student verifi
 The model is ``configs/<dataset>/csp.yaml`` with nothing baked (``embed: null``): its fit makes the CSP key of alice
 and bob, and the trained weights are the unmarked model both APIs serve. Each customer gets a DAWN key of its own; bob
 queries his endpoint with the validation split, so his log holds inputs the students never saw answered his way.
-Students (SmallCNN width 32, ``--epochs``: 20 on digits, the config's 10 on
-Fashion-MNIST; the attacker's split unless said): distillation of the served
-probabilities at T = 3, retraining on the served top-1 labels, and Knockoff Nets (random selection of 5,000 sample
-photo patches, probabilities). Prints one Markdown row per API × attack: the API's test accuracy against the
-model's, the student's accuracy, the queries it made and the watermark queries among them, and the verdict
-(p-value over both customers, Bonferroni, and the customer named).
+Students (SmallCNN width 32, ``--epochs``: 20 on digits, the config's 10 on Fashion-MNIST; the attacker's split
+unless said): distillation of the served probabilities at T = 3, retraining on the served top-1 labels, and Knockoff
+Nets (random selection of 5,000 sample photo patches, probabilities). Prints one Markdown row per API × attack:
+the API's test accuracy against the model's, the student's accuracy, the queries it made and the watermark queries
+among them, and the verdict (p-value over both customers, Bonferroni, and the customer named).
 """
 
 from __future__ import annotations
@@ -23,11 +22,11 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import lightning as L
 import torch
 from config_costs import run_cli, top1_accuracy
 
 if TYPE_CHECKING:
+    from lightning_wm.data.base import SplitDataModule
     from lightning_wm.watermarks.csp import CSPKey
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +46,7 @@ def _victim(dataset: str, seed: int, amplitude: float | None, cwd: Path) -> tupl
     return model, load_key(cwd / f"outputs/{dataset}/csp.key")
 
 
-def _datamodule(dataset: str, data_dir: Path, **kwargs):
+def _datamodule(dataset: str, data_dir: Path, **kwargs) -> SplitDataModule:
     """The dataset's module: digits (bundled), or Fashion-MNIST from ``data_dir`` (copied from Debian's package)."""
     from lightning_wm.data import DigitsDataModule, FashionMNISTDataModule
 
@@ -59,8 +58,10 @@ def _datamodule(dataset: str, data_dir: Path, **kwargs):
 
 
 def _student(
-    attack_name: str, api: torch.nn.Module, seed: int, data: L.LightningDataModule, epochs: int
+    attack_name: str, api: torch.nn.Module, seed: int, data: SplitDataModule, epochs: int
 ) -> tuple[torch.nn.Module, int]:
+    import lightning as L
+
     from lightning_wm.attacks import DistillationAttack, KnockoffAttack, RetrainingAttack
     from lightning_wm.benchmark.matrix import quiet_trainer
     from lightning_wm.models import SmallCNN
