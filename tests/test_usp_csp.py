@@ -368,14 +368,15 @@ def test_usp_reference_pool_gives_a_rerun_the_same_references(dm: DigitsDataModu
 
 
 def test_csp_null_projections_drawn_in_chunks_score_like_one_draw(csp: tuple) -> None:
-    """Chunked drawing and scoring of the null projections is the one-shot computation, piece by piece."""
+    """Chunked drawing and scoring of the null projections is the one-shot computation, piece by piece (up to the
+    float32 rounding of matmuls of other shapes, which differs between CPU kernels)."""
     scheme, model = csp
     key = scheme.key
     x = key.tensors["queries"][:50]
     with torch.no_grad():
         probs = torch.softmax(model(x), -1)
     whole = key.null_scores(probs, x, "alice", chunk=10**6)
-    assert torch.allclose(key.null_scores(probs, x, "alice", chunk=100), whole)
+    torch.testing.assert_close(key.null_scores(probs, x, "alice", chunk=100), whole, rtol=1e-4, atol=1e-5)
     assert len(whole) == int(key.config["null_keys"])
     many = CSPKey({**key.config, "null_keys": 70_000}, key.tensors)
     assert len(many.null_scores(probs, x, "alice")) == 70_000
