@@ -103,6 +103,22 @@ def slow_if_from_gradients(names: list[str]) -> list:
     return [pytest.param(n, marks=pytest.mark.slow) if n in FROM_GRADIENTS else n for n in names]
 
 
+def assert_innocent(tried: int, declared: int, min_p: float, alpha: float, where: object = None) -> None:
+    """What a valid test at ``alpha`` gives on ``tried`` innocent suspects: few declared, and no p-value far in the
+    tail.
+
+    An exact p-value declares an innocent suspect with probability ``alpha`` by construction, so the count is
+    Binomial(tried, alpha): the bound is its 99.9% quantile (0 or 1 for a few suspects, 2 or 3 for dozens), which a
+    broken null (the untrained networks declared at p 1e-75 before, a constant predictor at 1e-100) crosses at
+    once; and the smallest p among ``tried`` uniform draws is below 1e-5 with probability tried·1e-5. Asserting
+    that none is declared would fail by chance on some keys: which key a seed draws depends on the CPU's kernels.
+    """
+    from scipy import stats
+
+    assert declared <= int(stats.binom.isf(1e-3, tried, alpha)), where
+    assert min_p > 1e-5, where
+
+
 def example_scheme(name: str, seed: int | None, key_path: Path | None = None) -> WatermarkScheme:
     return registry.scheme(name).example(seed=seed, key_path=None if key_path is None else str(key_path))
 

@@ -28,6 +28,7 @@ import torch
 from conftest import (
     FROM_GRADIENTS,
     Marked,
+    assert_innocent,
     embed_example,
     example_model,
     example_outputs,
@@ -346,19 +347,9 @@ def _record(table: dict, filename: str) -> None:
 
 
 def _assert_innocent(table: dict[str, dict]) -> None:
-    """What a valid test at α gives on innocent suspects: few declared, and no p-value far in the tail.
-
-    An exact p-value declares an innocent suspect with probability α by construction, so among n of them the count
-    is Binomial(n, α): the bound is its 99.9% quantile (0 or 1 for the fast populations, 2 or 3 for the slow
-    ones), which a broken null (the untrained networks declared at p 1e-75 before, a constant predictor at
-    1e-100) crosses at once; and the smallest p among n uniform draws is below 1e-5 with probability n·1e-5.
-    """
-    from scipy import stats
-
     tried = sum(row["tried"] for row in table.values())
     declared = sum(row["declared"] for row in table.values())
-    assert declared <= int(stats.binom.isf(1e-3, tried, ALPHA)), table
-    assert min(row["min_p"] for row in table.values()) > 1e-5, table
+    assert_innocent(tried, declared, min(row["min_p"] for row in table.values()), ALPHA, table)
 
 
 @pytest.mark.parametrize("name", slow_if_from_gradients(SCHEMES))

@@ -369,8 +369,8 @@ def test_config_runs_through_the_cli_and_verifies(tmp_path: Path, monkeypatch: p
     file: declared watermarked, from the embedded keys against as many never-embedded null keys."""
     monkeypatch.chdir(tmp_path)
     config = str(CONFIGS / "digits" / "new_label.yaml")
-    seeded = "--watermarks.new_label.init_args.seed=1"  # after 2 epochs only some keys embed (1, 3 of 0-3)
-    cli_main(["fit", "--config", config, "--trainer.max_epochs=2", seeded, "--trainer.enable_progress_bar=false"])
+    seeded = "--watermarks.new_label.init_args.seed=1"  # 5 epochs: key accuracy 0.86 to 1 over seeds 0-3
+    cli_main(["fit", "--config", config, "--trainer.max_epochs=5", seeded, "--trainer.enable_progress_bar=false"])
     key_file = tmp_path / "outputs" / "digits" / "new_label.key"
     assert key_file.is_file()
     checkpoint = next((tmp_path / "outputs").rglob("last.ckpt"))
