@@ -4,7 +4,7 @@
     python benchmarks/config_costs.py --dataset digits --seeds 0 1 2 --configs uchida content ewe
 
 For each seed it runs, in a fresh working directory, ``lightning-wm fit`` of the baseline, then ``fit``,
-``test`` and ``verify`` of each config (a config with ``pretrained`` starts from that seed's baseline, as the
+``test`` and ``verify`` of each config (a config with ``pretrained`` or ``teacher`` reads that seed's baseline, as the
 config's comment says), with ``--seed_everything`` set, and prints one Markdown row per config: accuracy per
 seed, mean minus the baseline's mean, and how many final models were declared (with the largest p-value). Extra
 ``lightning-wm fit`` options for every config go after ``--``.
@@ -134,7 +134,7 @@ def main() -> None:
                     continue
                 if args.cached_only:
                     continue
-                needs_baseline = "pretrained" in (configs / f"{name}.yaml").read_text()
+                needs_baseline = re.search(r"^\s*(pretrained|teacher):", (configs / f"{name}.yaml").read_text(), re.M)
                 if (
                     needs_baseline
                     and not _checkpoint(yaml.safe_load((configs / "baseline.yaml").read_text()), cwd).exists()
