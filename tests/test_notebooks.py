@@ -109,6 +109,13 @@ def errors(notebook) -> list[str]:
     ]
 
 
+def execute(notebook, folder: Path) -> None:
+    """Run every cell in ``folder``; raises CellExecutionError, with the failing cell's traceback, on any error."""
+    nbclient.NotebookClient(
+        notebook, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(folder)}}
+    ).execute()
+
+
 def numbers_agree(committed: str, rerun: str) -> bool:
     """Whether two printed numbers agree within ``TOLERANCE`` (see the module docstring)."""
     a, b = float(committed.rstrip("%")), float(rerun.rstrip("%"))
@@ -149,10 +156,7 @@ def test_notebook_reproduces_its_committed_outputs(name, tmp_path, monkeypatch):
     assert OUTCOME.search("\n".join(expected)), f"{name} was committed without its outputs"
 
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
-    client = nbclient.NotebookClient(
-        notebook, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    )
-    client.execute()  # raises CellExecutionError, with the failing cell's traceback, on any error
+    execute(notebook, tmp_path)
 
     rerun = cell_texts(notebook)
     same_kernels = committed.metadata.get(KERNELS) == kernels_fingerprint()
@@ -178,9 +182,7 @@ def execute_in_place(path: Path) -> None:
     notebook = nbformat.read(path, as_version=4)
     with tempfile.TemporaryDirectory() as folder:
         os.environ.update(LIGHTNING_WM_OUTPUT=f"{folder}/outputs", WANDB_MODE="offline", OMP_NUM_THREADS="1")
-        nbclient.NotebookClient(
-            notebook, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": folder}}
-        ).execute()
+        execute(notebook, Path(folder))
     notebook.metadata[KERNELS] = kernels_fingerprint()
     nbformat.write(notebook, path)
 
