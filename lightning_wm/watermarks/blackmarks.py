@@ -43,7 +43,7 @@ from lightning_wm.watermarks.frontier_stitching import (
     stratified_fisher_threshold,
 )
 from lightning_wm.watermarks.key_samples import KeySampleGenerator, KeySamples, training_tensors
-from lightning_wm.watermarks.trigger_set import TriggerSetWatermark, _task_classes, probe_set
+from lightning_wm.watermarks.trigger_set import TriggerSetWatermark
 
 
 def cluster_classes(mean_outputs: Tensor, seed: int) -> Tensor:
@@ -280,14 +280,9 @@ class BlackMarksWatermark(FrontierStitchingWatermark):
         self.warmup_epochs = warmup_epochs
 
     def make_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> BlackMarksKey:
-        datamodule = self.split_datamodule(trainer, "key images are made from its training images")
-        if getattr(datamodule, "train_dataset", None) is None:
-            datamodule.setup("fit")
-        num_classes = _task_classes(pl_module, datamodule)
-        rng = self.key_rng()
-        if self.warmup_epochs:
-            batch_size = int(getattr(datamodule, "batch_size", 64)) * trainer.world_size
-            self._warm_up(pl_module, datamodule, batch_size, int(torch.randint(0, 2**62, (1,), generator=rng)))
+        datamodule, num_classes, rng = self.prepare_model(
+            trainer, pl_module, "key images are made from its training images"
+        )
         inputs, labels = training_tensors(datamodule)
         was_training = pl_module.training
         pl_module.eval()
@@ -299,36 +294,20 @@ class BlackMarksWatermark(FrontierStitchingWatermark):
         bits = torch.randint(0, 2, (2 * self.num_keys,), generator=rng)
         generator: BlackMarksTrigger = self.generator  # type: ignore[assignment]
         samples = generator.key_images(pl_module, datamodule, bits, class_bits, rng)
-        keys = datamodule.normalize(samples.images.float()).to(inputs.dtype)
         owner, null = _stratified_halves(bits.bool(), rng)
-        config = {
-            **generator.config(),
-            "label_kind": generator.label_kind,
-            "random_labels": False,
-            "num_classes": num_classes,
-            "num_outputs": num_classes,
-            "key_label": None,
-            "chance": 0.5,
-            "input_shape": list(inputs.shape[1:]),
-            "verified_on": "embedded keys",
-            "null_test": "fisher stratified by bit value",
-            "generator_init": None,
-            "warmup_epochs": self.warmup_epochs,
-            "scheme_options": {"bits": self.num_keys, "num_probes": self.num_probes},
-        }
-        tensors = {
-            "embed_inputs": keys[owner],
-            "embed_labels": samples.labels[owner],
-            "verify_inputs": keys[owner],
-            "verify_labels": samples.labels[owner],
-            "null_inputs": keys[null],
-            "null_labels": samples.labels[null],
-            "embed_bits": bits[owner],
-            "null_bits": bits[null],
-            "class_bits": class_bits,
-        }
-        if self.num_probes:
-            tensors["probe_inputs"], tensors["probe_labels"] = probe_set(datamodule, self.num_probes, rng)
+        config, tensors = self.key_contents(
+            datamodule,
+            samples,
+            owner,
+            null,
+            rng,
+            num_classes=num_classes,
+            num_outputs=num_classes,
+            chance=0.5,
+            null_test="fisher stratified by bit value",
+            scheme_options={"bits": self.num_keys, "num_probes": self.num_probes},
+        )
+        tensors.update(embed_bits=bits[owner], null_bits=bits[null], class_bits=class_bits)
         return BlackMarksKey(config, tensors)
 
 

@@ -321,7 +321,36 @@ class FrontierStitchingWatermark(TriggerSetWatermark):
         self.warmup_epochs = warmup_epochs
 
     def make_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> FrontierStitchingKey:
-        datamodule = self.split_datamodule(trainer, "frontier samples are made from its training images")
+        datamodule, num_classes, rng = self.prepare_model(
+            trainer, pl_module, "frontier samples are made from its training images"
+        )
+        generator: FrontierTrigger = self.generator  # type: ignore[assignment]
+        samples, is_true = generator.frontier(pl_module, datamodule, 2 * self.num_keys, rng)
+        owner, null = _stratified_halves(is_true, rng)
+        config, tensors = self.key_contents(
+            datamodule,
+            samples,
+            owner,
+            null,
+            rng,
+            num_classes=num_classes,
+            num_outputs=generator.num_outputs(num_classes),
+            chance=1.0 / num_classes,
+            null_test="fisher stratified by kind",
+            true_adversaries={"embed": int(is_true[owner].sum()), "null": int(is_true[null].sum())},
+            scheme_options={"num_keys": self.num_keys, "num_probes": self.num_probes},
+        )
+        tensors["embed_true_adversary"] = is_true[owner]
+        tensors["null_true_adversary"] = is_true[null]
+        return FrontierStitchingKey(config, tensors)
+
+    def prepare_model(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, purpose: str
+    ) -> tuple[Any, int, torch.Generator]:
+        """The owner's datamodule (set up for fit), the task's classes and the key's random generator, after the
+        warm-up epochs: the trained model whose frontier (or, for BlackMarks, whose class clusters) the key is
+        made from."""
+        datamodule = self.split_datamodule(trainer, purpose)
         if getattr(datamodule, "train_dataset", None) is None:
             datamodule.setup("fit")
         num_classes = _task_classes(pl_module, datamodule)
@@ -329,27 +358,32 @@ class FrontierStitchingWatermark(TriggerSetWatermark):
         if self.warmup_epochs:
             batch_size = int(getattr(datamodule, "batch_size", 64)) * trainer.world_size
             self._warm_up(pl_module, datamodule, batch_size, int(torch.randint(0, 2**62, (1,), generator=rng)))
-        generator: FrontierTrigger = self.generator  # type: ignore[assignment]
-        samples, is_true = generator.frontier(pl_module, datamodule, 2 * self.num_keys, rng)
+        return datamodule, num_classes, rng
+
+    def key_contents(
+        self,
+        datamodule: Any,
+        samples: KeySamples,
+        owner: Tensor,
+        null: Tensor,
+        rng: torch.Generator,
+        **config: Any,
+    ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """The key's config and tensors: the ``owner`` samples embedded and verified, the ``null`` ones kept
+        apart, and the clean probes drawn last from ``rng``; ``config`` adds the scheme's own entries."""
         inputs, _ = training_tensors(datamodule)
         keys = datamodule.normalize(samples.images.float()).to(inputs.dtype)
-        owner, null = _stratified_halves(is_true, rng)
-        outputs = generator.num_outputs(num_classes)
-        config = {
+        generator = self.generator
+        contents = {
             **generator.config(),
             "label_kind": generator.label_kind,
             "random_labels": False,
-            "num_classes": num_classes,
-            "num_outputs": outputs,
             "key_label": None,
-            "chance": 1.0 / num_classes,
             "input_shape": list(inputs.shape[1:]),
             "verified_on": "embedded keys",
-            "null_test": "fisher stratified by kind",
             "generator_init": None,
-            "true_adversaries": {"embed": int(is_true[owner].sum()), "null": int(is_true[null].sum())},
             "warmup_epochs": self.warmup_epochs,
-            "scheme_options": {"num_keys": self.num_keys, "num_probes": self.num_probes},
+            **config,
         }
         tensors = {
             "embed_inputs": keys[owner],
@@ -358,12 +392,10 @@ class FrontierStitchingWatermark(TriggerSetWatermark):
             "verify_labels": samples.labels[owner],
             "null_inputs": keys[null],
             "null_labels": samples.labels[null],
-            "embed_true_adversary": is_true[owner],
-            "null_true_adversary": is_true[null],
         }
         if self.num_probes:
             tensors["probe_inputs"], tensors["probe_labels"] = probe_set(datamodule, self.num_probes, rng)
-        return FrontierStitchingKey(config, tensors)
+        return contents, tensors
 
     def _warm_up(self, pl_module: L.LightningModule, datamodule: Any, batch_size: int, seed: int) -> None:
         copy = CleanModel(clone_module(pl_module))
