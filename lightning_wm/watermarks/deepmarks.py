@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_wm.registry import SchemeSpec
 from lightning_wm.verify.blackbox import Suspect, white_box_module
@@ -31,8 +31,8 @@ from lightning_wm.verify.derive import derived_rng
 from lightning_wm.verify.keys import WatermarkKey
 from lightning_wm.verify.stats import binomial_log10_p_value, binomial_threshold
 from lightning_wm.verify.verdict import Verdict
-from lightning_wm.watermarks.base import WatermarkScheme, logs_this_step, resolve_layer
-from lightning_wm.watermarks.uchida import filter_mean, make_projection, projection_bce
+from lightning_wm.watermarks.base import resolve_layer
+from lightning_wm.watermarks.uchida import ProjectedWeightWatermark, filter_mean, make_projection
 
 Design = Literal["fano", "pg2_3"]
 
@@ -148,7 +148,7 @@ class DeepMarksKey(WatermarkKey):
         )
 
 
-class DeepMarksWatermark(WatermarkScheme):
+class DeepMarksWatermark(ProjectedWeightWatermark):
     """Embed ``user``'s anti-collusion code in one layer's weights (Chen et al., ICMR 2019).
 
     One key (projection and code book) serves every user: train each user's copy with the same ``seed`` or
@@ -178,7 +178,7 @@ class DeepMarksWatermark(WatermarkScheme):
         alpha: float = 0.01,
         name: str | None = None,
     ) -> None:
-        super().__init__(key_path=key_path, seed=seed, alpha=alpha, name=name)
+        super().__init__(layer, strength, key_path, seed, alpha, name)
         users = len(incidence_matrix(design))
         if not 0 <= user < users:
             raise ValueError(f"user must be in [0, {users}) for design {design!r}, got {user}")
@@ -187,11 +187,6 @@ class DeepMarksWatermark(WatermarkScheme):
         self.user = user
         self.design = design
         self.repeat = repeat
-        self.layer = layer
-        self.strength = strength
-        self._layer: nn.Module | None = None
-        self._projection: Tensor | None = None
-        self._target: Tensor | None = None
 
     def make_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> DeepMarksKey:
         weight = resolve_layer(pl_module, self.layer).weight
@@ -205,31 +200,9 @@ class DeepMarksWatermark(WatermarkScheme):
         }
         return DeepMarksKey(config, {"projection": projection, "codes": codes})
 
-    def on_key_ready(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._layer = resolve_layer(pl_module, self.key.config["layer"])
-        if list(self._layer.weight.shape) != list(self.key.config["weight_shape"]):
-            raise ValueError(
-                f"the key reads a layer of shape {self.key.config['weight_shape']}, "
-                f"layer {self.key.config['layer']!r} has shape {list(self._layer.weight.shape)}"
-            )
-        self._projection = None
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().teardown(trainer, pl_module, stage)
-        self._layer = None
-
-    def training_loss(self, pl_module: L.LightningModule, batch: Any, output: Any) -> Tensor:
-        if self._layer is None:
-            self._layer = resolve_layer(pl_module, self.key.config["layer"])
-        weight = self._layer.weight
-        if self._projection is None or self._projection.device != weight.device:
-            key: DeepMarksKey = self.key  # type: ignore[assignment]
-            self._projection = key.tensors["projection"].float().to(weight.device)
-            self._target = key.targets(self.user).float().to(weight.device)
-        loss, ber = projection_bce(self._projection, self._target, weight)
-        if logs_this_step(pl_module):
-            pl_module.log(f"wm/{self.name}/ber", ber, on_step=True, on_epoch=False, prog_bar=True)
-        return self.strength * loss
+    def target_bits(self) -> Tensor:
+        key: DeepMarksKey = self.key  # type: ignore[assignment]
+        return key.targets(self.user)
 
 
 SCHEME = SchemeSpec(

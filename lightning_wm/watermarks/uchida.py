@@ -155,7 +155,53 @@ class UchidaKey(WatermarkKey):
         )
 
 
-class UchidaWatermark(WatermarkScheme):
+class ProjectedWeightWatermark(WatermarkScheme):
+    """The embedding Uchida et al. (ICMR 2017) and DeepMarks (Chen et al., ICMR 2019) share: the loss term
+    λ·Σ_j BCE(σ(X·w̄)_j, b_j) on one layer's filter-averaged weights w̄, in fp32 outside autocast, logged as
+    ``wm/<name>/ber``. The key holds X (``projection``) and the layer's name and shape; subclasses say which bits
+    b are embedded (:meth:`target_bits`)."""
+
+    def __init__(
+        self, layer: str, strength: float, key_path: str | None, seed: int | None, alpha: float, name: str | None
+    ) -> None:
+        super().__init__(key_path=key_path, seed=seed, alpha=alpha, name=name)
+        self.layer = layer
+        self.strength = strength
+        self._projection: Tensor | None = None
+        self._target: Tensor | None = None
+        self._layer: nn.Module | None = None
+
+    def target_bits(self) -> Tensor:
+        """The bits b this fit embeds, from the key."""
+        raise NotImplementedError
+
+    def on_key_ready(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._layer = resolve_layer(pl_module, self.key.config["layer"])
+        if list(self._layer.weight.shape) != list(self.key.config["weight_shape"]):
+            raise ValueError(
+                f"the key reads a layer of shape {self.key.config['weight_shape']}, "
+                f"layer {self.key.config['layer']!r} has shape {list(self._layer.weight.shape)}"
+            )
+        self._projection = None
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._layer = None
+
+    def training_loss(self, pl_module: L.LightningModule, batch: Any, output: Any) -> Tensor:
+        if self._layer is None:
+            self._layer = resolve_layer(pl_module, self.key.config["layer"])
+        weight = self._layer.weight
+        if self._projection is None or self._projection.device != weight.device:
+            self._projection = self.key.tensors["projection"].float().to(weight.device)
+            self._target = self.target_bits().float().to(weight.device)
+        loss, ber = projection_bce(self._projection, self._target, weight)
+        if logs_this_step(pl_module):
+            pl_module.log(f"wm/{self.name}/ber", ber, on_step=True, on_epoch=False, prog_bar=True)
+        return self.strength * loss
+
+
+class UchidaWatermark(ProjectedWeightWatermark):
     """Embed T bits into one conv/linear layer's weights with a regularizer (Uchida et al., ICMR 2017).
 
     Adds λ·Σ_j BCE(σ(X·w̄)_j, b_j) to the loss (a sum over bits, as the authors' code does), computed in fp32
@@ -191,21 +237,16 @@ class UchidaWatermark(WatermarkScheme):
         alpha: float = 0.01,
         name: str | None = None,
     ) -> None:
-        super().__init__(key_path=key_path, seed=seed, alpha=alpha, name=name)
+        super().__init__(layer, strength, key_path, seed, alpha, name)
         if bits < 1:
             raise ValueError(f"bits must be positive, got {bits}")
         if projection not in ("random", "direct", "diff"):
             raise ValueError(f"projection must be 'random', 'direct' or 'diff', got {projection!r}")
         if message is not None and (len(message) != bits or set(message) - {"0", "1"}):
             raise ValueError(f"message must be a string of {bits} characters 0/1")
-        self.layer = layer
         self.bits = bits
-        self.strength = strength
         self.projection = projection
         self.message = message
-        self._projection: Tensor | None = None
-        self._target: Tensor | None = None
-        self._layer: nn.Module | None = None
 
     def make_key(self, trainer: L.Trainer, pl_module: L.LightningModule) -> UchidaKey:
         weight = resolve_layer(pl_module, self.layer).weight
@@ -230,32 +271,8 @@ class UchidaWatermark(WatermarkScheme):
         }
         return UchidaKey(config, {"projection": projection, "message": message})
 
-    def on_key_ready(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._layer = resolve_layer(pl_module, self.key.config["layer"])
-        weight = self._layer.weight
-        if list(weight.shape) != list(self.key.config["weight_shape"]):
-            raise ValueError(
-                f"the key reads a layer of shape {self.key.config['weight_shape']}, "
-                f"layer {self.key.config['layer']!r} has shape {list(weight.shape)}"
-            )
-        self._projection = self.key.tensors["projection"].float()
-        self._target = self.key.tensors["message"].float()
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().teardown(trainer, pl_module, stage)
-        self._layer = None
-
-    def training_loss(self, pl_module: L.LightningModule, batch: Any, output: Any) -> Tensor:
-        if self._layer is None:
-            self._layer = resolve_layer(pl_module, self.key.config["layer"])
-        weight = self._layer.weight
-        if self._projection is None or self._projection.device != weight.device:
-            self._projection = self.key.tensors["projection"].float().to(weight.device)
-            self._target = self.key.tensors["message"].float().to(weight.device)
-        loss, ber = projection_bce(self._projection, self._target, weight)
-        if logs_this_step(pl_module):
-            pl_module.log(f"wm/{self.name}/ber", ber, on_step=True, on_epoch=False, prog_bar=True)
-        return self.strength * loss
+    def target_bits(self) -> Tensor:
+        return self.key.tensors["message"]
 
 
 SCHEME = SchemeSpec(
