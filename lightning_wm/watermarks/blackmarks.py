@@ -39,6 +39,7 @@ from lightning_wm.watermarks.frontier_stitching import (
     FrontierStitchingKey,
     FrontierStitchingWatermark,
     _stratified_halves,
+    strata_counts,
     stratified_fisher_log10_p_value,
     stratified_fisher_threshold,
 )
@@ -166,19 +167,8 @@ class BlackMarksKey(FrontierStitchingKey):
             decoded, spent = self.decoded_bits(suspect, split)
             correct[split] = decoded == self.tensors[bits]
             queries += spent
-        rows = []
-        for bit in (0, 1):
-            owner = self.tensors["embed_bits"] == bit
-            null = self.tensors["null_bits"] == bit
-            rows.append(
-                (
-                    int(correct["verify"][owner].sum()),
-                    int(owner.sum()),
-                    int(correct["null"][null].sum()),
-                    int(null.sum()),
-                )
-            )
-        return rows, queries
+        t = self.tensors
+        return strata_counts(correct["verify"], t["embed_bits"], correct["null"], t["null_bits"], (0, 1)), queries
 
     def verify(self, suspect: Suspect, alpha: float = 0.01) -> Verdict:
         """Query the suspect (top-1 labels) on the owner's and the null key images and the probes; the statistic

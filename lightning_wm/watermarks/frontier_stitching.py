@@ -136,6 +136,18 @@ class FrontierTrigger(KeySampleGenerator):
         return adversaries, moved != y, logits.argmax(-1) == y
 
 
+def strata_counts(
+    owner_correct: Tensor, owner_strata: Tensor, null_correct: Tensor, null_strata: Tensor, values: tuple
+) -> list[tuple[int, int, int, int]]:
+    """``(owner hits, owner keys, null hits, null keys)`` for each stratum value in ``values``: the 2 × 2 tables
+    the stratified exact test reads."""
+    rows = []
+    for value in values:
+        owner, null = owner_strata == value, null_strata == value
+        rows.append((int(owner_correct[owner].sum()), int(owner.sum()), int(null_correct[null].sum()), int(null.sum())))
+    return rows
+
+
 def stratified_fisher_log10_p_value(strata: list[tuple[int, int, int, int]]) -> float:
     """log10 of the one-sided exact test that sample a's hits exceed sample b's, stratified: ``strata`` holds
     ``(hits_a, trials_a, hits_b, trials_b)`` per stratum.
@@ -200,18 +212,10 @@ class FrontierStitchingKey(TriggerSetKey):
             predicted, spent = query_labels(suspect, self.tensors[f"{split}_inputs"])
             answers[split] = predicted.cpu() == self.tensors[f"{split}_labels"]
             queries += spent
-        rows = []
-        for kind in (True, False):
-            owner = self.tensors["embed_true_adversary"] == kind
-            null = self.tensors["null_true_adversary"] == kind
-            rows.append(
-                (
-                    int(answers["verify"][owner].sum()),
-                    int(owner.sum()),
-                    int(answers["null"][null].sum()),
-                    int(null.sum()),
-                )
-            )
+        t = self.tensors
+        rows = strata_counts(
+            answers["verify"], t["embed_true_adversary"], answers["null"], t["null_true_adversary"], (True, False)
+        )
         return rows, queries
 
     def verify(self, suspect: Suspect, alpha: float = 0.01) -> Verdict:
