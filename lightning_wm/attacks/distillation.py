@@ -41,6 +41,31 @@ def _output_size(model: nn.Module, example: Tensor | None = None) -> int | None:
         model.train(was_training)
 
 
+def check_distillation_options(output: str, soft_weight: float, temperature: float, query_budget: int | None) -> None:
+    """Raise ``ValueError`` on an API output other than probabilities or labels, a soft weight outside [0, 1], a
+    non-positive temperature or query budget."""
+    if output not in ("probs", "labels"):
+        raise ValueError(f"output must be 'probs' or 'labels', got {output!r}")
+    if not 0.0 <= soft_weight <= 1.0:
+        raise ValueError(f"soft_weight must be in [0, 1], got {soft_weight}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if query_budget is not None and query_budget < 1:
+        raise ValueError(f"query_budget must be positive, got {query_budget}")
+
+
+def distillation_search_space() -> dict[str, BaseDistribution]:
+    """What a distilling thief tunes: the temperature, the epochs, the learning rate and what the API serves."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    return {
+        "temperature": FloatDistribution(1.0, 10.0),
+        "epochs": IntDistribution(1, 10),
+        "lr": FloatDistribution(1e-4, 1e-1, log=True),
+        "output": CategoricalDistribution(["probs", "labels"]),
+    }
+
+
 class DistillationAttack(RemovalAttack):
     """Train a student of any architecture from black-box queries of the victim.
 
@@ -81,14 +106,7 @@ class DistillationAttack(RemovalAttack):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        if output not in ("probs", "labels"):
-            raise ValueError(f"output must be 'probs' or 'labels', got {output!r}")
-        if not 0.0 <= soft_weight <= 1.0:
-            raise ValueError(f"soft_weight must be in [0, 1], got {soft_weight}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        if query_budget is not None and query_budget < 1:
-            raise ValueError(f"query_budget must be positive, got {query_budget}")
+        check_distillation_options(output, soft_weight, temperature, query_budget)
         teacher = load_victim(victim)
         if student is None:
             student = reinitialised_copy(teacher)
@@ -105,14 +123,7 @@ class DistillationAttack(RemovalAttack):
     @classmethod
     def search_space(cls) -> dict[str, BaseDistribution]:
         """Temperature, epochs, learning rate and what the API serves (soft labels or top-1 labels)."""
-        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-        return {
-            "temperature": FloatDistribution(1.0, 10.0),
-            "epochs": IntDistribution(1, 10),
-            "lr": FloatDistribution(1e-4, 1e-1, log=True),
-            "output": CategoricalDistribution(["probs", "labels"]),
-        }
+        return distillation_search_space()
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

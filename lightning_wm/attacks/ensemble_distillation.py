@@ -18,7 +18,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_wm.attacks.base import RemovalAttack, Victim, copy_victim, load_victim
-from lightning_wm.attacks.distillation import ApiOutput, _check_outputs, _output_size
+from lightning_wm.attacks.distillation import (
+    ApiOutput,
+    _check_outputs,
+    _output_size,
+    check_distillation_options,
+    distillation_search_space,
+)
 from lightning_wm.attacks.retraining import LabelCache
 from lightning_wm.models.hidden import HiddenModule
 from lightning_wm.models.reinit import reinitialised_copy
@@ -68,14 +74,7 @@ class EnsembleDistillationAttack(LabelCache, RemovalAttack):
         victims += list(extra_victims or [])
         if not victims:
             raise ValueError("victims must be a checkpoint path, a module or a non-empty list of them")
-        if output not in ("probs", "labels"):
-            raise ValueError(f"output must be 'probs' or 'labels', got {output!r}")
-        if not 0.0 <= soft_weight <= 1.0:
-            raise ValueError(f"soft_weight must be in [0, 1], got {soft_weight}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        if query_budget is not None and query_budget < 1:
-            raise ValueError(f"query_budget must be positive, got {query_budget}")
+        check_distillation_options(output, soft_weight, temperature, query_budget)
         teachers = [load_victim(v) for v in victims]
         if student is None:
             student = reinitialised_copy(teachers[0])
@@ -96,14 +95,7 @@ class EnsembleDistillationAttack(LabelCache, RemovalAttack):
     @classmethod
     def search_space(cls) -> dict[str, BaseDistribution]:
         """Temperature, epochs, learning rate and what the APIs serve."""
-        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-        return {
-            "temperature": FloatDistribution(1.0, 10.0),
-            "epochs": IntDistribution(1, 10),
-            "lr": FloatDistribution(1e-4, 1e-1, log=True),
-            "output": CategoricalDistribution(["probs", "labels"]),
-        }
+        return distillation_search_space()
 
     @property
     def queries(self) -> int:
