@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -409,3 +410,38 @@ def test_two_process_ddp_shards_the_keys_and_embeds_the_watermark(tmp_path: Path
     shards = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert shards == [list(range(0, 40, 2)), list(range(1, 40, 2))]
     assert load_key(key_path).verify(model).is_watermarked
+
+
+class _LookupSuspect(nn.Module):
+    """Answers each input it knows with its stored class (logits of a one-hot), class 0 for any other."""
+
+    def __init__(self, known: dict[bytes, int], classes: int = 10) -> None:
+        super().__init__()
+        self.known, self.classes = known, classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        answers = torch.tensor([self.known.get(row.numpy().tobytes(), 0) for row in x.cpu()])
+        return nn.functional.one_hot(answers, self.classes).float()
+
+
+def test_a_draw_of_labels_favouring_a_class_accuses_no_model_favouring_it(dm: DigitsDataModule) -> None:
+    """Random labels that happen to favour class 0 (30 of 100: a draw the binomial's p-value calls 1 in 10^8) and a
+    model that answers 0 to every key image, and every clean probe right: Binomial(100, 1/10) alone would declare
+    it; the permutation test of the labels drawn sees no evidence (every order of those labels gives 30 hits)."""
+    scheme = TriggerSetWatermark(ContentTrigger(), num_keys=100, num_verify=100, seed=3)
+    key = scheme.make_key(SimpleNamespace(datamodule=dm), SimpleNamespace(num_classes=10))
+    labels = key.tensors["verify_labels"].clone()
+    labels[labels == 0] = 1
+    labels[:30] = 0
+    key.tensors["verify_labels"] = labels
+    probes = {x.numpy().tobytes(): int(y) for x, y in zip(key.tensors["probe_inputs"], key.tensors["probe_labels"])}
+    verdict = key.verify(_LookupSuspect(probes))
+    assert verdict.details["hits"] == 30
+    assert verdict.details["log10_p_binomial"] < math.log10(0.01), "the binomial alone would accuse this model"
+    assert verdict.details["log10_p_permutation"] == 0.0
+    assert verdict.outcome.value == "not watermarked", verdict
+
+    answers = {x.numpy().tobytes(): int(y) for x, y in zip(key.tensors["verify_inputs"], labels)}
+    marked = key.verify(_LookupSuspect({**probes, **answers}))
+    assert marked.is_watermarked, marked
+    assert marked.p_value < 1e-60, marked

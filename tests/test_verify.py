@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -23,6 +24,7 @@ from lightning_wm.verify import (
     query_labels,
 )
 from lightning_wm.verify.keys import KEY_FORMAT_VERSION
+from lightning_wm.verify.stats import label_permutation_log10_p_value
 from lightning_wm.watermarks.uchida import UchidaKey
 
 
@@ -157,3 +159,24 @@ def test_black_box_of_a_label_only_callable():
     assert spent == 4
     with pytest.raises(ValueError, match="labels only"):
         BlackBoxModel(lambda x: torch.zeros(len(x), dtype=torch.long))(torch.randn(2, 2))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_label_permutation_p_value_is_the_share_of_label_orders_with_as_many_matches(seed: int) -> None:
+    """Exact against enumerating every order of the labels drawn (7 keys, 3 classes)."""
+    rng = torch.Generator().manual_seed(seed)
+    answers, labels = (torch.randint(0, 3, (7,), generator=rng).tolist() for _ in range(2))
+    orders = list(itertools.permutations(labels))
+    counts = ([answers.count(c) for c in range(3)], [labels.count(c) for c in range(3)])
+    for matches in range(1, 8):
+        share = sum(sum(a == b for a, b in zip(answers, order)) >= matches for order in orders) / len(orders)
+        log10_p = label_permutation_log10_p_value(*counts, matches)
+        assert (10**log10_p if share else 0.0) == pytest.approx(share, abs=1e-12)
+
+
+def test_label_permutation_p_value_of_a_constant_answer_is_one() -> None:
+    """A suspect answering one class to every key matches exactly the keys of that label in every order."""
+    assert label_permutation_log10_p_value([100, 0, 0], [30, 40, 30], 30) == 0.0
+    assert label_permutation_log10_p_value([100, 0, 0], [30, 40, 30], 31) == -math.inf
+    with pytest.raises(ValueError, match="same keys"):
+        label_permutation_log10_p_value([3, 0], [1, 1], 1)

@@ -51,6 +51,44 @@ def binomial_threshold(trials: int, chance: float, alpha: float) -> int:
     return int(stats.binom.isf(alpha, trials, chance)) + 1
 
 
+def label_permutation_log10_p_value(answer_counts: Sequence[int], label_counts: Sequence[int], matches: int) -> float:
+    """log10 of ``P[M >= matches]`` where M counts the keys whose answer equals their label when the key labels
+    are put in a uniformly random order: the exact permutation test of random-label trigger sets given the labels
+    drawn.
+
+    Random labels drawn i.i.d. are, given how many of each class were drawn (``label_counts``), in a uniformly
+    random order, independent of any suspect that never saw them; so the test is exact for such a suspect
+    whatever it answers (``answer_counts``: how many keys it answers with each class). Unlike
+    ``Binomial(n, 1/K)``, which is exact over the draw of the labels, it cannot be fooled by one unlucky draw: a
+    key whose labels happen to favour a class does not accuse the models that favour it (Good, *Permutation,
+    Parametric and Bootstrap Tests of Hypotheses*, 2005). Computed exactly in integers: the matches are the rooks a
+    random permutation places on the board made of one ``answers_c × labels_c`` block per class, whose rook
+    polynomial is the product of the blocks' (inclusion-exclusion over the rook numbers).
+    """
+    if len(answer_counts) != len(label_counts) or sum(answer_counts) != sum(label_counts):
+        raise ValueError(
+            f"answer counts {list(answer_counts)} and label counts {list(label_counts)} must cover the same keys"
+        )
+    if matches <= 0:
+        return 0.0
+    rooks = [1]
+    for answers, labels in zip(answer_counts, label_counts):
+        most = min(answers, labels)
+        block = [math.comb(answers, k) * math.comb(labels, k) * math.factorial(k) for k in range(most + 1)]
+        rooks = [
+            sum(rooks[i] * block[k - i] for i in range(max(0, k - len(block) + 1), min(k, len(rooks) - 1) + 1))
+            for k in range(len(rooks) + len(block) - 1)
+        ]
+    keys = sum(label_counts)
+    at_least = sum(
+        (-1) ** (k - matches) * math.comb(k - 1, matches - 1) * rooks[k] * math.factorial(keys - k)
+        for k in range(matches, len(rooks))
+    )
+    if at_least <= 0:
+        return -math.inf
+    return math.log10(at_least) - math.log10(math.factorial(keys))
+
+
 def queries_to_significance(hit_rate: float, chance: float, alpha: float = 1e-6, max_queries: int = 100_000) -> int:
     """Queries needed until a suspect that answers ``hit_rate`` of them correctly reaches ``p < alpha``.
 

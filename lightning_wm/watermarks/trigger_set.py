@@ -5,9 +5,11 @@ The owner trains the model to give secret key samples (made by a
 :class:`~lightning_wm.watermarks.key_samples.KeySampleGenerator`) their key labels, by adding them to training
 batches. Verification only needs the suspect's top-1 labels. With uniformly random key labels (the default, after
 Adi et al. 2018) a suspect that never saw them hits each with probability exactly 1/K, so the binomial p-value is
-valid for any suspect; new-label keys, whose label is fixed by design, are compared with never-embedded null keys
-by an exact conditional test. Clean task inputs stored in the key tell degenerate suspects (near-constant
-answers, chance accuracy) apart: they are undecidable, never watermarked.
+valid for any suspect. So is the permutation test of the labels drawn, and the verdict takes the larger of the two:
+one unlucky draw of labels that favours a class then accuses no model that favours that class. New-label keys,
+whose label is fixed by design, are compared with never-embedded null keys by an exact conditional test. Clean task
+inputs stored in the key tell degenerate suspects (near-constant answers, chance accuracy) apart: they are
+undecidable, never watermarked.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from lightning_wm.verify.stats import (
     binomial_threshold,
     fisher_exact_log10_p_value,
     fisher_threshold,
+    label_permutation_log10_p_value,
     queries_to_significance,
     two_sample_queries_to_significance,
 )
@@ -90,10 +93,15 @@ class TriggerSetKey(WatermarkKey):
         self, suspect: Suspect, split: Literal["verify", "embed", "null"] = "verify"
     ) -> tuple[float, int, int]:
         """Share of ``split`` keys the suspect labels with their key labels, the hits and the queries spent."""
-        inputs, labels = self.tensors[f"{split}_inputs"], self.tensors[f"{split}_labels"]
-        predicted, queries = query_labels(suspect, inputs)
-        hits = int((predicted.cpu() == labels).sum())
+        predicted, queries = self.answers(suspect, split)
+        labels = self.tensors[f"{split}_labels"]
+        hits = int((predicted == labels).sum())
         return hits / len(labels), hits, queries
+
+    def answers(self, suspect: Suspect, split: Literal["verify", "embed", "null"] = "verify") -> tuple[Tensor, int]:
+        """The suspect's top-1 labels for the ``split`` keys (on the CPU) and the queries spent."""
+        predicted, queries = query_labels(suspect, self.tensors[f"{split}_inputs"])
+        return predicted.cpu(), queries
 
     def verify(self, suspect: Suspect, alpha: float = 0.01) -> Verdict:
         """Query the suspect (top-1 labels only) on the keys, and on the probes, and test its key accuracy.
@@ -107,8 +115,10 @@ class TriggerSetKey(WatermarkKey):
             suspect: an ``nn.Module`` returning logits, or a callable returning probabilities or labels.
             alpha: significance level.
         """
-        accuracy, hits, queries = self.key_accuracy(suspect)
-        total = len(self.tensors["verify_labels"])
+        predicted, queries = self.answers(suspect)
+        labels = self.tensors["verify_labels"]
+        hits, total = int((predicted == labels).sum()), len(labels)
+        accuracy = hits / total
         chance = float(self.config["chance"])
         details: dict[str, Any] = {
             "hits": hits,
@@ -140,9 +150,14 @@ class TriggerSetKey(WatermarkKey):
             log10_p = binomial_log10_p_value(hits, total, chance)
             threshold = binomial_threshold(total, chance, alpha) / total
             if self.config.get("random_labels"):
+                log10_p_permutation = label_permutation_log10_p_value(*class_counts(predicted, labels), hits)
+                details |= {"log10_p_binomial": log10_p, "log10_p_permutation": log10_p_permutation}
+                log10_p = max(log10_p, log10_p_permutation)
                 null = (
-                    f"uniformly random key labels independent of the images: Binomial({total}, {chance:.4g}), exact "
-                    "for any suspect that never saw the labels"
+                    f"uniformly random key labels independent of the images: the larger of Binomial({total}, "
+                    f"{chance:.4g}), exact over the labels' draw, and the permutation test of the labels drawn, exact "
+                    "given them (a draw that favours a class accuses no model that favours it); both exact for any "
+                    "suspect that never saw the labels"
                 )
             else:
                 null = (
@@ -168,6 +183,16 @@ class TriggerSetKey(WatermarkKey):
             null=null,
             details=details,
         )
+
+
+def class_counts(predicted: Tensor, labels: Tensor) -> tuple[list[int], list[int]]:
+    """How many keys the suspect answers with each class, and how many keys carry each label, over one range of
+    classes."""
+    classes = int(max(predicted.max(), labels.max())) + 1 if len(labels) else 0
+    return (
+        torch.bincount(predicted.long(), minlength=classes).tolist(),
+        torch.bincount(labels.long(), minlength=classes).tolist(),
+    )
 
 
 def differing_tensors(rebuilt: dict[str, Tensor], stored: dict[str, Tensor]) -> list[str]:
