@@ -147,7 +147,10 @@ def _baseline_key(seed: int) -> UchidaKey:
     generator = torch.Generator().manual_seed(seed)
     return UchidaKey(
         {"layer": "conv2", "weight_shape": [64, 32, 3, 3], "projection": "random"},
-        {"projection": torch.randn(64, 288, generator=generator), "message": torch.randint(0, 2, (64,))},
+        {
+            "projection": torch.randn(64, 288, generator=generator),
+            "message": torch.randint(0, 2, (64,), generator=generator),
+        },
     )
 
 

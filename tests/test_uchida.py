@@ -323,15 +323,20 @@ def test_the_three_embedding_situations_run_from_their_configs(tmp_path, monkeyp
     digits = CONFIGS / "digits"
     main(["fit", "--config", str(digits / "baseline.yaml"), "--trainer.max_epochs=4", *FAST])
     assert Path("outputs/digits/baseline/last.ckpt").is_file()
-    for name, epochs in (("uchida", 6), ("uchida_finetune", 5), ("uchida_distill", 8)):
-        main(["fit", "--config", str(digits / f"{name}.yaml"), f"--trainer.max_epochs={epochs}", *FAST])
+    for seed, (name, epochs) in enumerate((("uchida", 6), ("uchida_finetune", 5), ("uchida_distill", 8))):
+        # a fixed secret per key, so that a failure reproduces
+        key_seed = f"--watermarks.uchida.init_args.seed={seed}"
+        main(["fit", "--config", str(digits / f"{name}.yaml"), f"--trainer.max_epochs={epochs}", key_seed, *FAST])
         key = f"outputs/digits/{name}.key"
         verdict = _verify(digits / f"{name}.yaml", key, f"outputs/digits/{name}/last.ckpt", capsys)
         assert verdict["is_watermarked"], (name, verdict)
         assert verdict["p_value"] < 1e-30, (name, verdict)
         assert verdict["statistic"] <= 0.08, (name, verdict)
         clean = _verify(digits / "uchida.yaml", key, "outputs/digits/baseline/last.ckpt", capsys)
-        assert not clean["is_watermarked"], (name, clean)
+        # a valid p-value is below α in a fraction α of innocent reads: at the verdict's α (0.01) these three reads
+        # and the one below would fail one run in 25 by chance (seed 0's key reads 108 or 109 of 256 errors on the
+        # finetuned model, p 0.007-0.011, by kernel), so innocence is asserted where chance is one in 10^4 per read
+        assert clean["p_value"] > 1e-4, (name, clean)
         assert clean["statistic"] > 0.3, (name, clean)
         state = torch.load(f"outputs/digits/{name}/last.ckpt", map_location="cpu", weights_only=True)
         projection = load_key(key).tensors["projection"]
@@ -344,5 +349,5 @@ def test_the_three_embedding_situations_run_from_their_configs(tmp_path, monkeyp
     assert _test_acc(student) > 0.8
     assert _test_acc(tuned) > 0.9
     other = load_key("outputs/digits/uchida.key").verify(tuned)
-    assert not other.is_watermarked, "a model marked with another key is not declared under this one"
+    assert other.p_value > 1e-4, "a model marked with another key is not declared under this one"
     assert other.statistic > 0.3, other
