@@ -93,7 +93,9 @@ def read_run(folder: Path) -> OfflineRun:
 
 def offline_runs(save_dir: Path) -> list[OfflineRun]:
     """Every offline run under ``save_dir/wandb``, oldest first (by its first file's time: two runs started in the
-    same second have names that sort by their random ids)."""
+    same second have names that sort by their random ids). The W&B service is shut down first: ``finish`` can
+    return before it has written a run's log (on busy cores a run read at once lacked even its run record)."""
+    wandb.teardown()
     folders = (save_dir / "wandb").glob("offline-run-*")
     return [read_run(folder) for folder in sorted(folders, key=_started)]
 
