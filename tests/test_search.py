@@ -70,12 +70,12 @@ def test_the_normalised_statistic_puts_the_decision_threshold_at_one_half():
     assert normalised_statistic(5.0, 0.0, log10_p=-2.0, alpha=0.01) == 0.5
 
 
-def _benchmark(output_dir: Path) -> Benchmark:
+def _benchmark(output_dir: Path, schemes: dict[str, UchidaWatermark] | None = None) -> Benchmark:
     model = ImageClassifier(SmallCNN(width=8), num_classes=10, optimizer=partial(torch.optim.Adam, lr=3e-3))
     return Benchmark(
         model,
         DigitsDataModule(batch_size=64),
-        schemes={"uchida": UchidaWatermark(layer="conv3", bits=32, strength=0.05, seed=1)},
+        schemes=schemes or {"uchida": UchidaWatermark(layer="conv3", bits=32, strength=0.05, seed=1)},
         attacks={"prune": partial(PruneAttack, rate=0.5, scope="global")},
         embed_epochs=4,
         attack_epochs={"prune": 0},
@@ -124,6 +124,19 @@ def test_the_realistic_attacker_marks_its_proxy_with_a_key_of_its_own(tmp_path):
     assert proxy.embed_cell != owner.embed_cell
     assert proxy.scheme.seed != owner.scheme.seed
     assert proxy.bench.datamodule.train_split == "attacker"
+
+
+def test_a_scheme_subset_searches_only_those_schemes_and_names_an_unknown_one(tmp_path):
+    uchida = partial(UchidaWatermark, layer="conv3", bits=32, strength=0.05)
+    bench = _benchmark(tmp_path, {"uchida": uchida(seed=1), "uchida_b": uchida(seed=2)})
+    with pytest.raises(SearchError, match="not schemes of the benchmark"):
+        AttackSearch(bench, {"trials": 1, "spaces": SPACE, "schemes": ["uchida", "usp"]})
+    search = AttackSearch(bench, {"trials": 1, "oracle": True, "spaces": SPACE, "schemes": ["uchida_b"]})
+    assert search.scheme_names == ["uchida_b"]
+    rows = search.run()
+    assert [(r["scheme"], r["attack"], len(r["trials"])) for r in rows] == [("uchida_b", "prune", 1)]
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'search.db'}")
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["uchida_b__prune__oracle"]
 
 
 SEARCH_QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "benchmark" / "search_quickstart.yaml"

@@ -83,6 +83,8 @@ class SearchConfig:
         accuracy_budget: accuracy points the attacker accepts to lose; default the benchmark's.
         seed: seed of the samplers.
         attacks: benchmark attacks to tune; default every one whose search space is not empty.
+        schemes: benchmark schemes to attack; default every one (a subset splits one config's search across
+            processes, each with its own ``output_dir``).
         spaces: attack name (the benchmark's, or the registered one) → parameter → ``{type: float | int |
             categorical, low, high, log, step, choices}``, replacing that parameter's distribution (null removes it).
         grid_points: values per numeric parameter of the grid sampler.
@@ -95,6 +97,7 @@ class SearchConfig:
     accuracy_budget: float | None = None
     seed: int = 0
     attacks: list[str] | None = None
+    schemes: list[str] | None = None
     spaces: dict[str, dict[str, Any]] = field(default_factory=dict)
     grid_points: int = 3
     startup_trials: int | None = None
@@ -301,8 +304,19 @@ class AttackSearch:
             bench.accuracy_budget if self.config.accuracy_budget is None else self.config.accuracy_budget
         )
         self.spaces = self._spaces()
+        self.scheme_names = self._scheme_names()
         self._storage: optuna.storages.RDBStorage | None = None
         self._proxies: dict[str, Target] = {}
+
+    def _scheme_names(self) -> list[str]:
+        """The benchmark's schemes to attack, in the benchmark's order."""
+        if self.config.schemes is None:
+            return list(self.bench.schemes)
+        unknown = sorted(set(self.config.schemes) - set(self.bench.schemes))
+        if unknown:
+            known = sorted(self.bench.schemes)
+            raise SearchError(f"search.schemes {unknown} are not schemes of the benchmark: {known}")
+        return [name for name in self.bench.schemes if name in self.config.schemes]
 
     def _spaces(self) -> dict[str, tuple[type[RemovalAttack], dict[str, Any], dict[str, BaseDistribution]]]:
         """Attack name → (class, configured arguments, search space) of every attack to tune."""
@@ -494,11 +508,11 @@ class AttackSearch:
             optuna.logging.set_verbosity(level)
 
     def _run(self) -> list[dict[str, Any]]:
-        studies = len(self.config.modes) * len(self.bench.schemes) * len(self.spaces)
+        studies = len(self.config.modes) * len(self.scheme_names) * len(self.spaces)
         bar = tqdm(total=studies * self.config.trials, desc="search", unit="trial", disable=not self.bench.progress)
         rows = []
         for oracle in self.config.modes:
-            for scheme_name in self.bench.schemes:
+            for scheme_name in self.scheme_names:
                 try:
                     owner = self.owner(scheme_name)
                     tuned = owner if oracle else self.proxy(scheme_name)
