@@ -8,6 +8,7 @@ import csv
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -28,7 +29,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "benchmark" / "quickstart.yaml"
 
 
-def _benchmark(output_dir: Path, attack_epochs: dict[str, int] | None = None, rerun: tuple[str, ...] = ()) -> Benchmark:
+def _benchmark(
+    output_dir: Path,
+    attack_epochs: dict[str, int] | None = None,
+    rerun: tuple[str, ...] = (),
+    trainer_kwargs: dict[str, Any] | None = None,
+) -> Benchmark:
     model = ImageClassifier(SmallCNN(width=8), num_classes=10, optimizer=partial(torch.optim.Adam, lr=3e-3))
     return Benchmark(
         model,
@@ -47,6 +53,7 @@ def _benchmark(output_dir: Path, attack_epochs: dict[str, int] | None = None, re
         output_dir=output_dir,
         progress=False,
         rerun=rerun,
+        trainer_kwargs=trainer_kwargs,
     )
 
 
@@ -124,6 +131,11 @@ def test_a_changed_option_reruns_only_the_cells_it_touches(tmp_path, count_fits)
     before = len(count_fits)
     _benchmark(tmp_path, rerun=("content",)).run()
     assert count_fits[before:] == ["ImageClassifier", "FineTuneAttack"]  # content's embedding and attacks only
+    before = len(count_fits)
+    _benchmark(tmp_path, trainer_kwargs={"enable_progress_bar": False, "log_every_n_steps": 5}).run()
+    assert count_fits[before:] == [], "display options change no result, so they rerun nothing"
+    _benchmark(tmp_path, trainer_kwargs={"limit_train_batches": 3}).run()
+    assert count_fits[before:].count("ImageClassifier") == 4, "a batch limit changes every model: nulls and embeddings"
 
 
 def test_a_failing_cell_is_an_error_with_its_traceback_and_a_threat_mismatch_is_not_applicable(tmp_path):

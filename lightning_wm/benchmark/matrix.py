@@ -194,6 +194,12 @@ class Benchmark:
         self._data_id = describe(datamodule)
         self._nulls: dict[str, tuple[L.LightningModule, float]] = {}
 
+    @property
+    def trainer_id(self) -> dict[str, Any]:
+        """The Trainer options that can change a cell's result (hardware, precision, batch limits); display options
+        such as the progress bar or the logger are left out so that they never invalidate the cache."""
+        return {k: v for k, v in self.trainer_kwargs.items() if k in TRAINER_OPTIONS}
+
     def epochs_of(self, attack: str) -> int:
         """Training epochs of the attack named ``attack``."""
         if isinstance(self.attack_epochs, int):
@@ -354,7 +360,7 @@ class Benchmark:
 
     def null_model(self, template: L.LightningModule, index: int, bar: tqdm) -> tuple[L.LightningModule, float]:
         """The ``index``-th unmarked model of ``template``'s architecture and its test accuracy (cached)."""
-        cell = cell_id("null", template, self._data_id, self.embed_epochs, self.seed + index, self.trainer_kwargs)
+        cell = cell_id("null", template, self._data_id, self.embed_epochs, self.seed + index, self.trainer_id)
         if cell in self._nulls:
             bar.update()
             return self._nulls[cell]
@@ -381,7 +387,7 @@ class Benchmark:
         """Train ``template`` with ``scheme``; return the marked model, its key and its row (cached)."""
         unkeyed = copy.copy(scheme)
         unkeyed.key_path = None
-        cell = cell_id("embed", template, self._data_id, unkeyed, self.embed_epochs, self.seed, self.trainer_kwargs)
+        cell = cell_id("embed", template, self._data_id, unkeyed, self.embed_epochs, self.seed, self.trainer_id)
         bar.set_postfix_str(f"{name}: embedding")
         model = self.cache.load_model(cell, template)
         row = None if name in self.rerun else self.cache.load_row(cell)
@@ -420,7 +426,7 @@ class Benchmark:
     ) -> dict[str, Any]:
         """Run one attack on a copy of the marked model and verify it with the owner's key (cached)."""
         epochs = self.epochs_of(name)
-        cell = cell_id("attack", embed_cell, factory, epochs, self.seed, self.trainer_kwargs)
+        cell = cell_id("attack", embed_cell, factory, epochs, self.seed, self.trainer_id)
         row = None if rerun else self.cache.load_row(cell)
         if row is not None:
             return row

@@ -430,7 +430,7 @@ class AttackSearch:
         factory, epochs = attack_from_params(cls, params, init_args)
         epochs = target.bench.epochs_of(attack) if epochs is None else epochs
         bench = target.bench
-        own = cell_id("search", target.embed_cell, factory, epochs, bench.seed, bench.trainer_kwargs, self.budget)
+        own = cell_id("search", target.embed_cell, factory, epochs, bench.seed, bench.trainer_id, self.budget)
         saved = bench.cache.load_row(own)
         if saved is not None:
             return saved
