@@ -237,7 +237,32 @@ def test_cli_benchmark_logs_a_run_per_cell_and_a_summary_run_to_offline_wandb(tm
         "results.md",
         "heatmap.png",
         "radar_noise.png",
-    }, "the reports and the one scheme's radar plot"
+        "strongest_per_category.md",
+    }, "the reports, the per-category table and the one scheme's radar plot"
     media = summary.folder / "files" / "media"
     assert list(media.rglob("*.table.json")), "the benchmark table is in the summary run"
     assert list(media.rglob("*.png")), "the heatmap is in the summary run"
+
+
+def test_a_student_of_another_architecture_escapes_a_white_box_key_and_a_mismatched_student_is_na(tmp_path):
+    from lightning_wm.attacks import RetrainingAttack
+    from lightning_wm.models import MLP
+
+    bench = _benchmark(tmp_path)
+    bench.schemes = {"uchida": bench.schemes["uchida"]}
+    retrain = partial(RetrainingAttack, optimizer=partial(torch.optim.Adam, lr=3e-3))
+    bench.attacks = {
+        "mlp_student": partial(retrain, student=MLP(64, 10)),
+        "eleven": partial(retrain, student=MLP(64, 11)),
+    }
+    bench.attack_epochs = {"mlp_student": 2, "eleven": 1}
+    rows = {r["attack"]: r for r in bench.run()}
+    escaped = rows["mlp_student"]
+    assert escaped["status"] in ("removed", "removed, over budget"), escaped
+    assert escaped["watermarked"] is False
+    assert escaped["p_value"] == 1.0
+    assert "cannot be read: no layer named 'conv3'" in escaped["reason"]
+    assert "cannot be read" in markdown_table(list(rows.values()))
+    mismatched = rows["eleven"]
+    assert mismatched["status"] == "n/a", mismatched
+    assert "outputs 11 logits but the victim outputs 10" in mismatched["reason"]

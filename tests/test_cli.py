@@ -244,3 +244,20 @@ def test_offline_wandb_logger_writes_its_run_directory() -> None:
     assert len(runs) == 1
     assert list(runs[0].glob("run-*.wandb")), "the offline run holds its log for a later `wandb sync`"
     assert Path("wb/config.yaml").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (CONFIGS / "benchmark").glob("*.yaml")))
+def test_every_benchmark_config_parses_and_an_overlay_names_only_what_its_base_has(name: str, capsys) -> None:
+    config = CONFIGS / "benchmark" / name
+    overlay = "model" not in yaml.safe_load(config.read_text())
+    base = ["--config", str(CONFIGS / "benchmark" / "fashion_mnist.yaml")] if overlay else []
+    with pytest.raises(SystemExit) as exited:
+        main(["benchmark", *base, "--config", str(config), "--print_config"])
+    assert exited.value.code in (0, None)
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["schemes"]
+    assert resolved["attacks"]
+    assert set(resolved.get("attack_epochs") or {}) <= set(resolved["attacks"]), "epochs of an attack not in the run"
+    search = resolved.get("search") or {}
+    assert set(search.get("schemes") or []) <= set(resolved["schemes"])
+    assert set(search.get("attacks") or []) <= set(resolved["attacks"])

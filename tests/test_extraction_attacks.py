@@ -164,8 +164,14 @@ def test_kmeans_finds_separated_clusters_and_the_bandit_learns_the_best_arm() ->
     assert int(bandit.policy.argmax()) == 2
 
 
-def test_radar_plots_are_written_from_rows(tmp_path: Path) -> None:
-    from lightning_wm.benchmark.report import radar_plots, removal_strength, write_reports
+def test_radar_plots_and_the_per_category_table_show_the_strongest_attack_within_budget(tmp_path: Path) -> None:
+    from lightning_wm.benchmark.report import (
+        category_table,
+        radar_plots,
+        removal_strength,
+        strongest_per_category,
+        write_reports,
+    )
 
     def row(scheme: str, attack: str, category: str, status: str, p: float) -> dict:
         return {
@@ -194,11 +200,22 @@ def test_radar_plots_are_written_from_rows(tmp_path: Path) -> None:
     assert removal_strength(rows[2], 1e-20) == 1.0
     assert removal_strength(rows[3], 1e-20) is None
     assert removal_strength(rows[4]) == pytest.approx(0.5)
+    chosen = strongest_per_category(rows)
+    assert {c: row["attack"] for c, (_, row) in chosen["content"].items()} == {
+        "input preprocessing": "jpeg",
+        "model modification": "fine_tune",
+        "model extraction": "knockoff",
+    }, "retraining is over the budget, so knockoff (kept, halfway) is the strongest extraction within it"
+    assert chosen["usp"] == {}
+    table = category_table(rows)
+    assert "| content | jpeg: kept (56% of the way), -2.0 pts | fine_tune: removed, -2.0 pts |" in table
+    assert "| usp | none within budget | none within budget |" in table
     paths = radar_plots(rows, tmp_path)
     assert set(paths) == {"radar_content", "radar_usp"}
     assert all(p.is_file() and p.stat().st_size > 1000 for p in paths.values())
     reports = write_reports(rows, tmp_path / "bench")
     assert (tmp_path / "bench" / "radar_content.png").is_file()
+    assert reports["categories"].read_text() == table + "\n"
     assert reports["radar_usp"].parent == reports["heatmap"].parent
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from lightning_wm.attacks.base import RemovalAttack, Victim, last_linear, load_victim
 from lightning_wm.models.reinit import reinitialised_copy
 from lightning_wm.registry import AttackSpec
+from lightning_wm.verify.verdict import NotApplicable
 
 ApiOutput = Literal["probs", "labels"]
 
@@ -154,10 +155,16 @@ class DistillationAttack(RemovalAttack):
         return {"loss": loss, "logits": logits}
 
 
+class OutputMismatchError(ValueError, NotApplicable):
+    """The configured student's outputs differ from the victim's (e.g. a K-class student against the K+1 outputs of
+    the new-label scheme): the attack as configured does not fit this victim, so the benchmark shows the cell as
+    n/a with the reason instead of an error."""
+
+
 def _check_outputs(student: nn.Module, victim: nn.Module, example: Tensor | None = None) -> None:
     student_size, victim_size = _output_size(student, example), _output_size(victim, example)
     if student_size is not None and victim_size is not None and student_size != victim_size:
-        raise ValueError(
+        raise OutputMismatchError(
             f"the student ({type(student).__name__}) outputs {student_size} logits but the victim outputs "
             f"{victim_size}: build the student with num_classes={victim_size}"
         )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -44,8 +45,8 @@ from lightning_wm.registry import attack_of
 from lightning_wm.side_training import fit_copy
 from lightning_wm.verify.keys import WatermarkKey, load_key
 from lightning_wm.verify.stats import empirical_p_value
-from lightning_wm.verify.verdict import NotApplicable, Verdict
-from lightning_wm.watermarks.base import WatermarkScheme
+from lightning_wm.verify.verdict import NotApplicable, Outcome, Verdict
+from lightning_wm.watermarks.base import MissingLayerError, WatermarkScheme
 
 AttackFactory = Callable[[nn.Module], RemovalAttack]
 """An attack with every option but the victim: ``class_path``/``init_args`` in a config, a ``partial`` in Python."""
@@ -441,7 +442,10 @@ class Benchmark:
                 if epochs > 0:
                     self.trainer(epochs, logger=logger).fit(attack, datamodule=self.attacker_datamodule)
                 acc = self.test_accuracy(attack, logger)
-                verdict = key.verify(attack.eval(), alpha=self.alpha)
+                try:
+                    verdict = key.verify(attack.eval(), alpha=self.alpha)
+                except MissingLayerError as err:
+                    verdict = _unreadable_verdict(key.verify(marked.eval(), alpha=self.alpha), err)
                 row = {
                     "acc": acc,
                     **_verdict_fields(verdict),
@@ -469,6 +473,8 @@ class Benchmark:
         }
         if row.get("status") in ("n/a", "error"):
             return {**out, "status": row["status"], "reason": row.get("reason", "")}
+        if row.get("reason"):
+            out["reason"] = row["reason"]
         drop = 100.0 * (acc_before - row["acc"])
         watermarked = bool(row["is_watermarked"])
         within_budget = drop <= self.accuracy_budget
@@ -497,6 +503,21 @@ def _log_cell_summary(logger: Any, row: dict[str, Any]) -> None:
         return
     values = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items() if k != "cell"}
     logger.experiment.summary.update(values)
+
+
+def _unreadable_verdict(marked: Verdict, err: MissingLayerError) -> Verdict:
+    """The verdict on a suspect whose white-box mark cannot be read (no layer of the key's name): not declared,
+    p 1, in the marked model's terms (statistic name, threshold) so that the row reads like its neighbours."""
+    return dataclasses.replace(
+        marked,
+        statistic=math.nan,
+        p_value=1.0,
+        log10_p=0.0,
+        outcome=Outcome.NOT_WATERMARKED,
+        queries=0,
+        reason=f"the white-box mark cannot be read: {_first_line(err)}",
+        details={},
+    )
 
 
 def _verdict_fields(verdict: Verdict) -> dict[str, Any]:

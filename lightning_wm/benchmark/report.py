@@ -86,7 +86,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         if "statistic" in row:
             statistic = f"{row['statistic_name']} {row['statistic']:.3f}"
         outcome = row["status"]
-        if outcome in ("n/a", "error", "undecidable") and row.get("reason"):
+        if row.get("reason"):
             outcome = f"{outcome} ({row['reason'][:80]})"
         counts = " / ".join(
             str(row.get(f"fp_{kind}", "–")) for kind in ("clean", "other_schemes", "untrained", "collapsed")
@@ -211,31 +211,76 @@ def removal_strength(row: dict[str, Any], baseline_p: float | None = None, alpha
     return min(1.0, max(0.0, log_alpha / log_p)) if log_p < 0 else 1.0
 
 
+def attack_categories(rows: list[dict[str, Any]]) -> list[str]:
+    """The ``RADAR_CATEGORIES``, then any other category the rows carry, in order of appearance."""
+    extra = [c for c in dict.fromkeys(str(r.get("category") or "") for r in rows) if c and c not in RADAR_CATEGORIES]
+    return [*RADAR_CATEGORIES, *extra]
+
+
+def strongest_per_category(
+    rows: list[dict[str, Any]], alpha: float = 0.01
+) -> dict[str, dict[str, tuple[float, dict[str, Any]]]]:
+    """Scheme → category → (strength, row) of the strongest attack of that category within the accuracy budget
+    (:func:`removal_strength` against the scheme's unattacked row; ties go to the smaller accuracy loss).
+    Categories with no attack within the budget are absent."""
+    categories = attack_categories(rows)
+    selection: dict[str, dict[str, tuple[float, dict[str, Any]]]] = {}
+    for scheme in dict.fromkeys(r["scheme"] for r in rows):
+        own = [r for r in rows if r["scheme"] == scheme]
+        baseline = next((r.get("p_value") for r in own if r.get("attack") == "none"), None)
+        best: dict[str, tuple[float, dict[str, Any]]] = {}
+        for row in own:
+            category = str(row.get("category") or "")
+            strength = removal_strength(row, baseline, alpha) if category in categories else None
+            if strength is None:
+                continue
+            held = best.get(category)
+            drop = float(row.get("acc_drop", math.inf))
+            if (
+                held is None
+                or strength > held[0]
+                or (strength == held[0] and drop < float(held[1].get("acc_drop", math.inf)))
+            ):
+                best[category] = (strength, row)
+        selection[str(scheme)] = best
+    return selection
+
+
+def category_table(rows: list[dict[str, Any]], alpha: float = 0.01) -> str:
+    """Markdown: per scheme, the strongest attack of each category within the budget, with its outcome and
+    accuracy change (the SoK's per-category view, Lukas et al., S&P 2022)."""
+    categories = attack_categories(rows)
+    lines = ["| scheme | " + " | ".join(categories) + " |", "|---|" + "---|" * len(categories)]
+    for scheme, best in strongest_per_category(rows, alpha).items():
+        cells = []
+        for category in categories:
+            if category not in best:
+                cells.append("none within budget")
+                continue
+            strength, row = best[category]
+            outcome = row["status"] if row["status"] != "kept" else f"kept ({strength:.0%} of the way)"
+            cells.append(f"{row['attack']}: {outcome}, {-float(row.get('acc_drop', math.nan)):+.1f} pts")
+        lines.append(f"| {scheme} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def radar_plots(
     rows: list[dict[str, Any]], output_dir: str | Path, logger: Any = None, alpha: float = 0.01
 ) -> dict[str, Path]:
     """One ``radar_<scheme>.png`` per scheme under ``output_dir``: for each category of attack (the
     ``RADAR_CATEGORIES``, then any other in the rows) the strongest removal within the accuracy budget
-    (:func:`removal_strength`), the vertex labelled with that attack; logged as ``benchmark/radar/<scheme>`` images
-    when ``logger`` is a ``WandbLogger``. Returns the paths by ``radar_<scheme>``."""
+    (:func:`strongest_per_category`), the vertex labelled with that attack; logged as ``benchmark/radar/<scheme>``
+    images when ``logger`` is a ``WandbLogger``. Returns the paths by ``radar_<scheme>``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    extra = [c for c in dict.fromkeys(str(r.get("category") or "") for r in rows) if c and c not in RADAR_CATEGORIES]
-    categories = [*RADAR_CATEGORIES, *extra]
+    categories = attack_categories(rows)
     angles = [2 * math.pi * i / len(categories) for i in range(len(categories))]
     paths: dict[str, Path] = {}
-    for scheme in dict.fromkeys(r["scheme"] for r in rows):
-        own = [r for r in rows if r["scheme"] == scheme]
-        baseline = next((r.get("p_value") for r in own if r.get("attack") == "none"), None)
-        best: dict[str, tuple[float, str]] = {}
-        for row in own:
-            category = str(row.get("category") or "")
-            strength = removal_strength(row, baseline, alpha) if category in categories else None
-            if strength is not None and strength > best.get(category, (-1.0, ""))[0]:
-                best[category] = (strength, str(row["attack"]))
+    for scheme, chosen in strongest_per_category(rows, alpha).items():
+        best = {c: (strength, str(row["attack"])) for c, (strength, row) in chosen.items()}
         values = [best.get(c, (0.0, ""))[0] for c in categories]
         fig, ax = plt.subplots(figsize=(5, 5), subplot_kw={"projection": "polar"}, layout="constrained")
         ax.plot([*angles, angles[0]], [*values, values[0]], color="#c62828")
@@ -265,7 +310,8 @@ def radar_plots(
 def write_reports(
     rows: list[dict[str, Any]], output_dir: str | Path, logger: Any = None, summary: dict[str, Any] | None = None
 ) -> dict[str, Path]:
-    """Write ``results.csv``, ``results.md`` and ``heatmap.png`` under ``output_dir``; log them to W&B (table,
+    """Write ``results.csv``, ``results.md``, ``heatmap.png``, ``strongest_per_category.md`` and the radar plots
+    under ``output_dir``; log them to W&B (table,
     image and a ``benchmark-report`` artifact of the three files) when ``logger`` is a ``WandbLogger`` (any other
     logger receives the summary as hyperparameters)."""
     output_dir = Path(output_dir)
@@ -275,7 +321,10 @@ def write_reports(
         "heatmap": heatmap(rows, output_dir / "heatmap.png"),
     }
     paths["markdown"].write_text(markdown_table(rows) + "\n")
-    paths.update(radar_plots(rows, output_dir, logger, alpha=float((summary or {}).get("alpha", 0.01))))
+    alpha = float((summary or {}).get("alpha", 0.01))
+    paths["categories"] = output_dir / "strongest_per_category.md"
+    paths["categories"].write_text(category_table(rows, alpha) + "\n")
+    paths.update(radar_plots(rows, output_dir, logger, alpha=alpha))
     if logger is not None:
         from lightning.pytorch.loggers import WandbLogger
 

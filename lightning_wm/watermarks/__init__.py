@@ -1,7 +1,7 @@
 """Watermark schemes: each a Callback (plus the model mixin where it changes the loss) with its key."""
 
 from lightning_wm.watermarks.abstract import AbstractTrigger
-from lightning_wm.watermarks.base import WatermarkScheme, resolve_layer
+from lightning_wm.watermarks.base import MissingLayerError, WatermarkScheme, resolve_layer
 from lightning_wm.watermarks.blackmarks import BlackMarksKey, BlackMarksTrigger, BlackMarksWatermark
 from lightning_wm.watermarks.csp import CSPKey, CSPWatermark
 from lightning_wm.watermarks.dawn import DAWNHead, DAWNKey, DAWNWatermark
@@ -51,4 +51,5 @@ __all__ = [
     "UnrelatedTrigger",
     "WatermarkScheme",
     "resolve_layer",
+    "MissingLayerError",
 ]

@@ -258,6 +258,11 @@ def weight_layer_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, _WEIGHT_LAYERS) and name]
 
 
+class MissingLayerError(ValueError):
+    """The suspect has no layer of the key's name: a white-box mark cannot be read from it (e.g. a student of
+    another architecture), which is evidence of nothing, so the benchmark reads it as not declared."""
+
+
 def resolve_layer(model: nn.Module, name: str) -> nn.Module:
     """The conv or linear layer ``name`` of ``model``.
 
@@ -267,7 +272,8 @@ def resolve_layer(model: nn.Module, name: str) -> nn.Module:
     compiled module alike.
 
     Raises:
-        ValueError: no such layer, or a layer without a conv/linear weight; the message lists the valid names.
+        MissingLayerError: no such layer; the message lists the valid names.
+        ValueError: a layer without a conv/linear weight, or an ambiguous suffix.
     """
     modules = {n.replace("_orig_mod.", ""): m for n, m in model.named_modules()}
     candidates = [name, f"backbone.{name}", name.removeprefix("backbone.")]
@@ -285,7 +291,7 @@ def resolve_layer(model: nn.Module, name: str) -> nn.Module:
         return next(iter(suffix_matches.values()))
     if len(suffix_matches) > 1:
         raise ValueError(f"layer name {name!r} is ambiguous: it ends {', '.join(suffix_matches)}; give the full name")
-    raise ValueError(f"no layer named {name!r}; valid names: {', '.join(weight_layer_names(model))}")
+    raise MissingLayerError(f"no layer named {name!r}; valid names: {', '.join(weight_layer_names(model))}")
 
 
 _WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
