@@ -116,6 +116,7 @@ class WatermarkTrainer(L.Trainer):
         rerun: list[str] | None = None,
         verbose: bool = False,
         search: dict | None = None,
+        matrix: bool = True,
         workers: int = 1,
         ray_address: str | None = None,
         gpus_per_cell: float = 0.0,
@@ -150,6 +151,9 @@ class WatermarkTrainer(L.Trainer):
                 ``trials``, ``sampler``, ``oracle``, ``accuracy_budget``, ``seed``, ``spaces``...: see
                 :class:`~lightning_wm.benchmark.search.SearchConfig`; ``--search='{}'`` for the defaults); writes
                 ``strongest.md``/``.csv``, ``search.csv`` and a Pareto plot per scheme beside ``results.csv``.
+            matrix: false runs the search alone (its embeddings are loaded from the cache or computed; no matrix
+                cell and no ``results.csv``): a search split across processes, or started beside a running matrix
+                on the same ``output_dir``.
         """
         from lightning_wm.benchmark import Benchmark, measure_overhead, overhead_table
         from lightning_wm.benchmark.report import markdown_table, write_reports
@@ -189,21 +193,26 @@ class WatermarkTrainer(L.Trainer):
             verbose=verbose,
             wandb_settings=_wandb_settings(self.logger, output_dir),
         )
-        if workers > 1 or ray_address:
-            from lightning_wm.benchmark.parallel import run_on_ray
+        if not matrix and search is None:
+            raise SystemExit("benchmark: --matrix=false runs only the search; give a `search:` section or --search")
+        rows: list[dict[str, Any]] = []
+        paths: dict[str, Path] = {}
+        if matrix:
+            if workers > 1 or ray_address:
+                from lightning_wm.benchmark.parallel import run_on_ray
 
-            rows = run_on_ray(bench, workers, ray_address, gpus_per_cell)
-        else:
-            rows = bench.run()
-        summary = {
-            "schemes": sorted(schemes),
-            "attacks": sorted(attacks or {}),
-            "key_fingerprints": {r["scheme"]: r["key_fingerprint"] for r in rows},
-            "embed_epochs": embed_epochs,
-            "alpha": alpha,
-            "accuracy_budget": accuracy_budget,
-        }
-        paths = write_reports(rows, output_dir, logger=self.logger, summary=summary)
+                rows = run_on_ray(bench, workers, ray_address, gpus_per_cell)
+            else:
+                rows = bench.run()
+            summary = {
+                "schemes": sorted(schemes),
+                "attacks": sorted(attacks or {}),
+                "key_fingerprints": {r["scheme"]: r["key_fingerprint"] for r in rows},
+                "embed_epochs": embed_epochs,
+                "alpha": alpha,
+                "accuracy_budget": accuracy_budget,
+            }
+            paths = write_reports(rows, output_dir, logger=self.logger, summary=summary)
         search_table = None
         if search is not None:
             from lightning_wm.benchmark.pareto import strongest_table
@@ -218,7 +227,8 @@ class WatermarkTrainer(L.Trainer):
             if hasattr(experiment, "finish"):
                 experiment.finish()
         if self.is_global_zero:
-            print(markdown_table(rows))
+            if matrix:
+                print(markdown_table(rows))
             if search_table is not None:
                 print("\nstrongest attack within the accuracy budget (search):")
                 print(search_table)

@@ -158,11 +158,19 @@ def test_cli_benchmark_runs_the_search_of_a_config_with_a_search_section_only(tm
     main(["benchmark", "--config", str(path), "--output_dir", str(tmp_path / "bench")])
     assert "| oracle | uchida | prune | rate=" in capsys.readouterr().out
     assert (tmp_path / "bench" / "strongest.md").is_file()
+    main(["benchmark", "--config", str(path), "--output_dir", str(tmp_path / "alone"), "--matrix=false"])
+    out = capsys.readouterr().out
+    assert "| oracle | uchida | prune | rate=" in out
+    assert "| uchida | none |" not in out, "no matrix table"
+    assert not (tmp_path / "alone" / "results.csv").exists()
+    assert (tmp_path / "alone" / "strongest.md").is_file()
     config.pop("search")
     path.write_text(yaml.safe_dump(config))
     main(["benchmark", "--config", str(path), "--output_dir", str(tmp_path / "plain")])
     assert "strongest attack" not in capsys.readouterr().out
     assert not (tmp_path / "plain" / "search.db").exists()
+    with pytest.raises(SystemExit, match="runs only the search"):
+        main(["benchmark", "--config", str(path), "--output_dir", str(tmp_path / "none"), "--matrix=false"])
 
 
 def test_the_command_lines_strings_are_read_as_yaml():
