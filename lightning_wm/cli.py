@@ -152,8 +152,9 @@ class WatermarkTrainer(L.Trainer):
                 :class:`~lightning_wm.benchmark.search.SearchConfig`; ``--search='{}'`` for the defaults); writes
                 ``strongest.md``/``.csv``, ``search.csv`` and a Pareto plot per scheme beside ``results.csv``.
             matrix: false runs the search alone (its embeddings are loaded from the cache or computed; no matrix
-                cell and no ``results.csv``): a search split across processes, or started beside a running matrix
-                on the same ``output_dir``.
+                cell and no ``results.csv``). It may share the ``output_dir`` of a matrix that is still running once
+                that matrix's embeddings are cached; two searches at once need separate output
+                folders (each holds one Optuna storage).
         """
         from lightning_wm.benchmark import Benchmark, measure_overhead, overhead_table
         from lightning_wm.benchmark.report import markdown_table, write_reports

@@ -124,6 +124,7 @@ def test_a_changed_option_reruns_only_the_cells_it_touches(tmp_path, count_fits)
     rows = _benchmark(tmp_path).run()
     assert count_fits[before:] == []  # everything cached
     first = {(r["scheme"], r["attack"]): r["acc_after"] for r in rows}
+    kept = {(r["scheme"], r["attack"]) for r in rows if r["status"] == "kept"}
     rows = _benchmark(tmp_path, attack_epochs={"prune_50": 0, "fine_tune": 2}).run()
     assert count_fits[before:] == ["FineTuneAttack", "FineTuneAttack"]  # one per scheme, nothing else
     again = {(r["scheme"], r["attack"]): r["acc_after"] for r in rows}
@@ -134,6 +135,13 @@ def test_a_changed_option_reruns_only_the_cells_it_touches(tmp_path, count_fits)
     before = len(count_fits)
     _benchmark(tmp_path, trainer_kwargs={"enable_progress_bar": False, "log_every_n_steps": 5}).run()
     assert count_fits[before:] == [], "display options change no result, so they rerun nothing"
+    strict = _benchmark(tmp_path)
+    strict.alpha = 1e-60
+    rows = strict.run()
+    assert count_fits[before:] == [], "alpha is not part of a cell"
+    for row in rows:
+        assert row["watermarked"] == (row["p_value"] < 1e-60), "cached verdicts are judged again at the run's alpha"
+    assert any(r["status"] == "removed" for r in rows if (r["scheme"], r["attack"]) in kept), "kept at 0.01 only"
     _benchmark(tmp_path, trainer_kwargs={"limit_train_batches": 3}).run()
     assert count_fits[before:].count("ImageClassifier") == 4, "a batch limit changes every model: nulls and embeddings"
 
@@ -261,6 +269,7 @@ def test_a_student_of_another_architecture_escapes_a_white_box_key_and_a_mismatc
     assert escaped["status"] in ("removed", "removed, over budget"), escaped
     assert escaped["watermarked"] is False
     assert escaped["p_value"] == 1.0
+    assert escaped["empirical_p"] == 1.0, "an unreadable statistic is no evidence against the null models either"
     assert "cannot be read: no layer named 'conv3'" in escaped["reason"]
     assert "cannot be read" in markdown_table(list(rows.values()))
     mismatched = rows["eleven"]

@@ -250,3 +250,22 @@ def test_every_registered_search_space_builds_its_attack():
         attack = factory(victim)
         assert isinstance(attack, spec.attack)
         assert epochs == params.get("epochs")
+
+
+def test_a_student_without_the_white_box_layer_is_a_removal_in_the_search_not_the_marked_models_verdict(tmp_path):
+    from lightning_wm.attacks import RetrainingAttack
+    from lightning_wm.models import MLP
+
+    bench = _benchmark(tmp_path)
+    bench.attacks = {
+        "retrain_mlp": partial(RetrainingAttack, student=MLP(64, 10), optimizer=partial(torch.optim.Adam, lr=3e-3))
+    }
+    bench.attack_epochs = {"retrain_mlp": 1}
+    space = {"retrain_mlp": {"epochs": {"type": "int", "low": 1, "high": 2}}}
+    (row,) = AttackSearch(bench, {"trials": 1, "oracle": True, "spaces": space}).run()
+    (trial,) = row["trials"]
+    assert trial["watermarked"] is False
+    assert trial["p_value"] == 1.0
+    assert trial["normalised"] == 0.0, "an unreadable mark is as far from declared as it gets"
+    assert "cannot be read" in trial["reason"]
+    assert row["status"] in ("removed", "removed, over budget")

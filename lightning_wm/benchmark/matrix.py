@@ -11,7 +11,9 @@ An attack *removes* a watermark when the attacked model is no longer declared wa
 test accuracy stays within ``accuracy_budget`` points of the marked model's (Lukas et al. 2022's criterion).
 
 A cell whose attack does not fit the scheme's threat model (:class:`~lightning_wm.verify.NotApplicable`) reads
-"n/a" with the reason; any other exception is an "error" cell, its traceback in ``logs/<cell>.log`` under
+"n/a" with the reason; a white-box key whose layer the attacked model lacks (a student of another architecture,
+:class:`~lightning_wm.watermarks.MissingLayerError`) reads as not declared, p 1, with the reason; any other
+exception is an "error" cell, its traceback in ``logs/<cell>.log`` under
 ``output_dir``, and the run goes on. Every key is also tried on the benchmark's innocent models: the unmarked
 ones, the models the other schemes marked, untrained networks and unmarked models collapsed by pruning 80% of
 their weights (no fine-tuning); the four counts of declared models are columns of every row of the scheme.
@@ -476,7 +478,7 @@ class Benchmark:
         if row.get("reason"):
             out["reason"] = row["reason"]
         drop = 100.0 * (acc_before - row["acc"])
-        watermarked = bool(row["is_watermarked"])
+        watermarked = _declared_at(row, self.alpha)
         within_budget = drop <= self.accuracy_budget
         status = "kept" if watermarked else ("removed" if within_budget else "removed, over budget")
         if row.get("outcome") == "undecidable":
@@ -505,6 +507,14 @@ def _log_cell_summary(logger: Any, row: dict[str, Any]) -> None:
     logger.experiment.summary.update(values)
 
 
+def _declared_at(row: dict[str, Any], alpha: float) -> bool:
+    """Whether a cached verdict declares at this run's ``alpha`` (the rule of :meth:`Verdict.decide`): a cell's
+    id leaves ``alpha`` out, so a cell cached at another level is judged again from its log10 p."""
+    if "log10_p" not in row:
+        return bool(row["is_watermarked"])
+    return row.get("outcome") != Outcome.UNDECIDABLE.value and float(row["log10_p"]) < math.log10(alpha)
+
+
 def _unreadable_verdict(marked: Verdict, err: MissingLayerError) -> Verdict:
     """The verdict on a suspect whose white-box mark cannot be read (no layer of the key's name): not declared,
     p 1, in the marked model's terms (statistic name, threshold) so that the row reads like its neighbours."""
@@ -529,6 +539,8 @@ def _verdict_fields(verdict: Verdict) -> dict[str, Any]:
         "is_watermarked": bool(verdict.is_watermarked),
         "outcome": verdict.outcome.value,
         "higher_is_watermarked": bool(verdict.higher_is_watermarked),
+        "threshold": float(verdict.threshold),
+        "alpha": float(verdict.alpha),
         "verify_queries": int(verdict.queries or 0),
         "reason": verdict.reason,
     }

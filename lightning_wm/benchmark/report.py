@@ -83,7 +83,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         accuracy = f"{_pct(row['acc_before'])} → {_pct(row.get('acc_after', math.nan))}"
         statistic = "–"
-        if "statistic" in row:
+        if "statistic" in row and not math.isnan(float(row["statistic"])):
             statistic = f"{row['statistic_name']} {row['statistic']:.3f}"
         outcome = row["status"]
         if row.get("reason"):
@@ -311,9 +311,8 @@ def write_reports(
     rows: list[dict[str, Any]], output_dir: str | Path, logger: Any = None, summary: dict[str, Any] | None = None
 ) -> dict[str, Path]:
     """Write ``results.csv``, ``results.md``, ``heatmap.png``, ``strongest_per_category.md`` and the radar plots
-    under ``output_dir``; log them to W&B (table,
-    image and a ``benchmark-report`` artifact of the three files) when ``logger`` is a ``WandbLogger`` (any other
-    logger receives the summary as hyperparameters)."""
+    under ``output_dir``; log them to W&B (the table, the images and a ``benchmark-report`` artifact of every written
+    file) when ``logger`` is a ``WandbLogger`` (any other logger receives the summary as hyperparameters)."""
     output_dir = Path(output_dir)
     paths = {
         "csv": write_csv(rows, output_dir / "results.csv"),

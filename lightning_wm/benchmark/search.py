@@ -44,7 +44,7 @@ from lightning_wm.benchmark.cache import cell_id
 from lightning_wm.benchmark.matrix import AttackFactory, Benchmark, quiet_lightning
 from lightning_wm.models.reinit import reinitialised_copy
 from lightning_wm.verify.keys import WatermarkKey
-from lightning_wm.verify.verdict import NotApplicable, Verdict
+from lightning_wm.verify.verdict import NotApplicable
 from lightning_wm.watermarks.base import WatermarkScheme
 
 TRAINING_PARAMS = ("lr", "optimizer", "epochs")
@@ -238,7 +238,10 @@ def normalised_statistic(
     """The verification statistic on one scale for every scheme: 0.5 at the decision threshold, below it not
     declared. ``statistic / (2·threshold)`` for a higher-is-watermarked statistic, mirrored (``1 - statistic /
     (2·threshold)``) for a lower-is-watermarked one (a bit error rate). Where the threshold is not positive (a
-    statistic centred on 0), ``log10 p / (2·log10 alpha)``, which is 0.5 at ``p = alpha``."""
+    statistic centred on 0), ``log10 p / (2·log10 alpha)``, which is 0.5 at ``p = alpha``. A statistic that could
+    not be read (NaN: a white-box mark on a student without its layer) is 0, as far from declared as it gets."""
+    if math.isnan(statistic):
+        return 0.0
     if math.isfinite(threshold) and threshold > 0:
         ratio = statistic / (2.0 * threshold)
         return ratio if higher_is_watermarked else 1.0 - ratio
@@ -254,21 +257,6 @@ def outcome_status(watermarked: bool, undecidable: bool, acc_drop: float, budget
     if acc_drop > budget:
         return "removed, over budget"
     return "undecidable" if undecidable else "removed"
-
-
-class _RecordingKey:
-    """A key that keeps its last verdict: the threshold the objective needs is not part of a benchmark cell's row."""
-
-    def __init__(self, key: WatermarkKey) -> None:
-        self.key = key
-        self.verdict: Verdict | None = None
-
-    def fingerprint(self) -> str:
-        return self.key.fingerprint()
-
-    def verify(self, suspect: Any, *args: Any, **kwargs: Any) -> Verdict:
-        self.verdict = self.key.verify(suspect, *args, **kwargs)
-        return self.verdict
 
 
 @dataclass
@@ -436,28 +424,29 @@ class AttackSearch:
             return saved
         runner = copy.copy(bench)
         runner.attack_epochs = {label: epochs}
-        key = _RecordingKey(target.key)
-        row = runner.attack(target.embed_cell, label, factory, target.marked, key, target.scheme, rerun=True)
+        row = runner.attack(target.embed_cell, label, factory, target.marked, target.key, target.scheme, rerun=True)
         result: dict[str, Any] = {"attack": attack, "params": dict(params), "epochs": epochs}
-        if row.get("status") in ("n/a", "error") or key.verdict is None:
+        if row.get("status") in ("n/a", "error"):
             return {**result, "status": row.get("status", "error"), "reason": row.get("reason", "")}
-        verdict = key.verdict
         drop = 100.0 * (target.acc_before - float(row["acc"]))
+        higher = bool(row["higher_is_watermarked"])
+        undecidable = row["outcome"] == "undecidable"
         result.update(
             acc_before=target.acc_before,
             acc=float(row["acc"]),
             acc_drop=drop,
-            statistic_name=verdict.statistic_name,
-            statistic=float(verdict.statistic),
-            threshold=float(verdict.threshold),
-            higher_is_watermarked=bool(verdict.higher_is_watermarked),
-            p_value=float(verdict.p_value),
-            log10_p=float(verdict.log10_p),
+            statistic_name=row["statistic_name"],
+            statistic=float(row["statistic"]),
+            threshold=float(row["threshold"]),
+            higher_is_watermarked=higher,
+            p_value=float(row["p_value"]),
+            log10_p=float(row["log10_p"]),
             normalised=normalised_statistic(
-                verdict.statistic, verdict.threshold, verdict.higher_is_watermarked, verdict.log10_p, verdict.alpha
+                row["statistic"], row["threshold"], higher, row["log10_p"], float(row["alpha"])
             ),
-            watermarked=verdict.is_watermarked,
-            status=outcome_status(verdict.is_watermarked, verdict.is_undecidable, drop, self.budget),
+            watermarked=bool(row["is_watermarked"]),
+            status=outcome_status(bool(row["is_watermarked"]), undecidable, drop, self.budget),
+            reason=row.get("reason", ""),
             key_fingerprint=target.key.fingerprint()[:12],
             cell=own,
         )

@@ -132,9 +132,12 @@ def normal_log10_sf(z: float) -> float:
 
 def empirical_p_value(score: float, null_scores: Sequence[float], higher_is_watermarked: bool = True) -> float:
     """Rank p-value ``(1 + #{null >= score}) / (1 + n)``: exact (a permutation test) when the null scores are the
-    same suspect's scores under secrets drawn like the owner's (verdicts.md), with resolution ``1 / (n + 1)``."""
+    same suspect's scores under secrets drawn like the owner's (verdicts.md), with resolution ``1 / (n + 1)``.
+    A score that could not be read (NaN: a white-box mark on a model without its layer) is no evidence: 1."""
     if len(null_scores) == 0:
         raise ValueError("empirical_p_value needs at least one null score")
+    if math.isnan(score):
+        return 1.0
     if higher_is_watermarked:
         extreme = sum(1 for s in null_scores if s >= score)
     else:

@@ -40,7 +40,7 @@ class Verdict:
         queries: number of suspect queries spent (0 for white-box reads).
         null: a short description of the null the p-value is computed under.
         null_draws: for an empirical null, the number of null draws N (its resolution is 1/(N+1)); None if exact.
-        reason: why the outcome is undecidable ("" otherwise).
+        reason: why the outcome is undecidable, or why the mark could not be read at all ("" otherwise).
     """
 
     scheme: str

@@ -259,8 +259,9 @@ def weight_layer_names(model: nn.Module) -> list[str]:
 
 
 class MissingLayerError(ValueError):
-    """The suspect has no layer of the key's name: a white-box mark cannot be read from it (e.g. a student of
-    another architecture), which is evidence of nothing, so the benchmark reads it as not declared."""
+    """The suspect has no layer of the key's name, or one of another shape than the key reads: a white-box mark
+    cannot be read from it (e.g. a student of another architecture), which is evidence of nothing, so the benchmark
+    reads it as not declared."""
 
 
 def resolve_layer(model: nn.Module, name: str) -> nn.Module:
@@ -287,8 +288,14 @@ def resolve_layer(model: nn.Module, name: str) -> nn.Module:
                 )
             return layer
     suffix_matches = {n: m for n, m in modules.items() if n.endswith(f".{name.removeprefix('backbone.')}")}
-    if len(suffix_matches) == 1 and isinstance(next(iter(suffix_matches.values())), _WEIGHT_LAYERS):
-        return next(iter(suffix_matches.values()))
+    if len(suffix_matches) == 1:
+        ((found, layer),) = suffix_matches.items()
+        if not isinstance(layer, _WEIGHT_LAYERS):
+            raise ValueError(
+                f"layer {found!r} is a {type(layer).__name__}, not a conv or linear layer; "
+                f"valid names: {', '.join(weight_layer_names(model))}"
+            )
+        return layer
     if len(suffix_matches) > 1:
         raise ValueError(f"layer name {name!r} is ambiguous: it ends {', '.join(suffix_matches)}; give the full name")
     raise MissingLayerError(f"no layer named {name!r}; valid names: {', '.join(weight_layer_names(model))}")

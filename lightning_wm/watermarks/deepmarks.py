@@ -31,7 +31,7 @@ from lightning_wm.verify.derive import derived_rng
 from lightning_wm.verify.keys import WatermarkKey
 from lightning_wm.verify.stats import binomial_log10_p_value, binomial_threshold
 from lightning_wm.verify.verdict import Verdict
-from lightning_wm.watermarks.base import resolve_layer
+from lightning_wm.watermarks.base import MissingLayerError, resolve_layer
 from lightning_wm.watermarks.uchida import ProjectedWeightWatermark, filter_mean, make_projection
 
 Design = Literal["fano", "pg2_3"]
@@ -83,7 +83,7 @@ class DeepMarksKey(WatermarkKey):
         weight = resolve_layer(module, name).weight
         expected = tuple(self.config["weight_shape"])
         if tuple(weight.shape[1:]) != expected[1:]:
-            raise ValueError(
+            raise MissingLayerError(
                 f"layer {name!r} of the suspect has weight shape {tuple(weight.shape)}, the key reads a layer of "
                 f"shape (*, {', '.join(map(str, expected[1:]))}); name the matching layer with layer="
             )

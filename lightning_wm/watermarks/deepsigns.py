@@ -30,7 +30,7 @@ from lightning_wm.verify.derive import derived_rng
 from lightning_wm.verify.keys import WatermarkKey
 from lightning_wm.verify.stats import binomial_log10_p_value, binomial_threshold
 from lightning_wm.verify.verdict import Verdict
-from lightning_wm.watermarks.base import WatermarkScheme, logs_this_step, resolve_layer
+from lightning_wm.watermarks.base import MissingLayerError, WatermarkScheme, logs_this_step, resolve_layer
 
 
 def mean_activation(model: nn.Module, layer: nn.Module, inputs: Tensor) -> Tensor:
@@ -76,7 +76,7 @@ class DeepSignsKey(WatermarkKey):
             mu = mean_activation(module, target, self.tensors["trigger_inputs"])
         projection = self.tensors["projection"]
         if mu.numel() != projection.shape[1]:
-            raise ValueError(
+            raise MissingLayerError(
                 f"layer {name!r} of the suspect has {mu.numel()} channels, the key reads {projection.shape[1]}; "
                 "name the matching layer with layer="
             )

@@ -21,7 +21,7 @@ from lightning_wm.verify.derive import derived_rng
 from lightning_wm.verify.keys import WatermarkKey
 from lightning_wm.verify.stats import binomial_log10_p_value, binomial_threshold
 from lightning_wm.verify.verdict import Verdict
-from lightning_wm.watermarks.base import WatermarkScheme, logs_this_step, resolve_layer
+from lightning_wm.watermarks.base import MissingLayerError, WatermarkScheme, logs_this_step, resolve_layer
 
 Projection = Literal["random", "direct", "diff"]
 
@@ -91,7 +91,7 @@ class UchidaKey(WatermarkKey):
         weight = resolve_layer(suspect, name).weight
         expected = tuple(self.config["weight_shape"])
         if tuple(weight.shape[1:]) != expected[1:]:
-            raise ValueError(
+            raise MissingLayerError(
                 f"layer {name!r} of the suspect has weight shape {tuple(weight.shape)}, the key reads a layer of "
                 f"shape (*, {', '.join(map(str, expected[1:]))}); name the matching layer with layer="
             )
