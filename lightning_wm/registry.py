@@ -16,6 +16,8 @@ to the suite.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -151,6 +153,16 @@ def attack_of(obj: Any) -> AttackSpec | None:
     """The spec of an attack (or its class), or None for an unregistered one."""
     cls = obj if isinstance(obj, type) else type(obj)
     return next((spec for spec in attacks().values() if spec.attack is cls), None)
+
+
+def factory_class(factory: Any) -> type | None:
+    """The class a factory builds: a class, a ``functools.partial`` of a class (Python), or of jsonargparse's
+    instantiator with the class among its arguments (a config's ``class_path``/``init_args``); None otherwise."""
+    if inspect.isclass(factory):
+        return factory
+    if isinstance(factory, functools.partial):
+        return next((c for c in [factory.func, *factory.args] if inspect.isclass(c)), None)
+    return None
 
 
 def key_class(scheme_name: str) -> type:

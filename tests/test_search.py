@@ -158,6 +158,9 @@ def test_cli_benchmark_runs_the_search_of_a_config_with_a_search_section_only(tm
     main(["benchmark", "--config", str(path), "--output_dir", str(tmp_path / "bench")])
     assert "| oracle | uchida | prune | rate=" in capsys.readouterr().out
     assert (tmp_path / "bench" / "strongest.md").is_file()
+    with open(tmp_path / "bench" / "results.csv") as f:
+        categories = {r["attack"]: r["category"] for r in csv.DictReader(f)}
+    assert categories["prune"] == "model modification", "a config's attack carries its registered category"
     main(["benchmark", "--config", str(path), "--output_dir", str(tmp_path / "alone"), "--matrix=false"])
     out = capsys.readouterr().out
     assert "| oracle | uchida | prune | rate=" in out

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from lightning_wm.attacks.base import RemovalAttack
 from lightning_wm.benchmark.cache import CellCache, cell_id, describe
 from lightning_wm.models.reinit import clone_module, reinitialised_copy
-from lightning_wm.registry import attack_of
+from lightning_wm.registry import attack_of, factory_class
 from lightning_wm.side_training import fit_copy
 from lightning_wm.verify.keys import WatermarkKey, load_key
 from lightning_wm.verify.stats import empirical_p_value
@@ -467,7 +467,8 @@ class Benchmark:
         self, attack: str, acc_before: float, row: dict[str, Any], null_stats: list[float], higher: bool
     ) -> dict[str, Any]:
         factory = self.attacks.get(attack)
-        spec = attack_of(getattr(factory, "func", factory)) if factory is not None else None
+        cls = factory_class(factory) if factory is not None else None
+        spec = attack_of(cls) if cls is not None else None
         out: dict[str, Any] = {
             "attack": attack,
             "category": spec.category if spec else "",

@@ -43,6 +43,7 @@ from lightning_wm.attacks.base import RemovalAttack
 from lightning_wm.benchmark.cache import cell_id
 from lightning_wm.benchmark.matrix import AttackFactory, Benchmark, quiet_lightning
 from lightning_wm.models.reinit import reinitialised_copy
+from lightning_wm.registry import factory_class
 from lightning_wm.verify.keys import WatermarkKey
 from lightning_wm.verify.verdict import NotApplicable
 from lightning_wm.watermarks.base import WatermarkScheme
@@ -186,13 +187,10 @@ def factory_parts(factory: Any) -> tuple[type | None, dict[str, Any]]:
     """The class and keyword arguments of a factory: a ``functools.partial`` of a class (Python) or of
     jsonargparse's instantiator (a config's ``class_path``/``init_args``), or a bare class; ``(None, {})`` for
     anything else."""
-    if inspect.isclass(factory):
-        return factory, {}
-    if isinstance(factory, functools.partial):
-        candidates = [factory.func, *factory.args]
-        cls = next((c for c in candidates if inspect.isclass(c)), None)
-        return cls, dict(factory.keywords)
-    return None, {}
+    cls = factory_class(factory)
+    if cls is None:
+        return None, {}
+    return cls, dict(factory.keywords) if isinstance(factory, functools.partial) else {}
 
 
 def attack_from_params(
