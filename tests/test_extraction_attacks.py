@@ -193,6 +193,7 @@ def test_radar_plots_and_the_per_category_table_show_the_strongest_attack_within
         row("content", "fine_tune", "model modification", "removed", 0.3),
         row("content", "retraining", "model extraction", "removed, over budget", 0.5),
         row("content", "knockoff", "model extraction", "kept", 1e-4),
+        {**row("content", "smoothing", "input preprocessing", "kept", 1e-12), "acc_drop": 20.0},
         row("usp", "none", "", "kept", 1e-8),
         row("usp", "chain", "combined", "n/a", float("nan")),
     ]
@@ -200,6 +201,7 @@ def test_radar_plots_and_the_per_category_table_show_the_strongest_attack_within
     assert removal_strength(rows[2], 1e-20) == 1.0
     assert removal_strength(rows[3], 1e-20) is None
     assert removal_strength(rows[4]) == pytest.approx(0.5)
+    assert removal_strength(rows[5], 1e-20) is None, "a kept cell over the budget is no attack within it"
     chosen = strongest_per_category(rows)
     assert {c: row["attack"] for c, (_, row) in chosen["content"].items()} == {
         "input preprocessing": "jpeg",

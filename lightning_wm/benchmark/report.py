@@ -187,7 +187,9 @@ RADAR_CATEGORIES = ("input preprocessing", "model modification", "model extracti
 """The SoK's families of removal attacks (Lukas et al., S&P 2022), one axis each of a scheme's radar plot."""
 
 
-def removal_strength(row: dict[str, Any], baseline_p: float | None = None, alpha: float = 0.01) -> float | None:
+def removal_strength(
+    row: dict[str, Any], baseline_p: float | None = None, alpha: float = 0.01, budget: float = 5.0
+) -> float | None:
     """How far an attack went towards removing the watermark, in ``[0, 1]``; None for a cell over the accuracy
     budget, not applicable or failed.
 
@@ -197,7 +199,7 @@ def removal_strength(row: dict[str, Any], baseline_p: float | None = None, alpha
     """
     if row.get("status") in ("removed", "undecidable"):
         return 1.0
-    if row.get("status") != "kept":
+    if row.get("status") != "kept" or float(row.get("acc_drop", 0.0)) > budget:
         return None
     p_value = row.get("p_value")
     if p_value is None or (isinstance(p_value, float) and math.isnan(p_value)):
@@ -218,7 +220,7 @@ def attack_categories(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def strongest_per_category(
-    rows: list[dict[str, Any]], alpha: float = 0.01
+    rows: list[dict[str, Any]], alpha: float = 0.01, budget: float = 5.0
 ) -> dict[str, dict[str, tuple[float, dict[str, Any]]]]:
     """Scheme → category → (strength, row) of the strongest attack of that category within the accuracy budget
     (:func:`removal_strength` against the scheme's unattacked row; ties go to the smaller accuracy loss).
@@ -231,7 +233,7 @@ def strongest_per_category(
         best: dict[str, tuple[float, dict[str, Any]]] = {}
         for row in own:
             category = str(row.get("category") or "")
-            strength = removal_strength(row, baseline, alpha) if category in categories else None
+            strength = removal_strength(row, baseline, alpha, budget) if category in categories else None
             if strength is None:
                 continue
             held = best.get(category)
@@ -246,12 +248,12 @@ def strongest_per_category(
     return selection
 
 
-def category_table(rows: list[dict[str, Any]], alpha: float = 0.01) -> str:
+def category_table(rows: list[dict[str, Any]], alpha: float = 0.01, budget: float = 5.0) -> str:
     """Markdown: per scheme, the strongest attack of each category within the budget, with its outcome and
     accuracy change (the SoK's per-category view, Lukas et al., S&P 2022)."""
     categories = attack_categories(rows)
     lines = ["| scheme | " + " | ".join(categories) + " |", "|---|" + "---|" * len(categories)]
-    for scheme, best in strongest_per_category(rows, alpha).items():
+    for scheme, best in strongest_per_category(rows, alpha, budget).items():
         cells = []
         for category in categories:
             if category not in best:
@@ -265,7 +267,7 @@ def category_table(rows: list[dict[str, Any]], alpha: float = 0.01) -> str:
 
 
 def radar_plots(
-    rows: list[dict[str, Any]], output_dir: str | Path, logger: Any = None, alpha: float = 0.01
+    rows: list[dict[str, Any]], output_dir: str | Path, logger: Any = None, alpha: float = 0.01, budget: float = 5.0
 ) -> dict[str, Path]:
     """One ``radar_<scheme>.png`` per scheme under ``output_dir``: for each category of attack (the
     ``RADAR_CATEGORIES``, then any other in the rows) the strongest removal within the accuracy budget
@@ -279,7 +281,7 @@ def radar_plots(
     categories = attack_categories(rows)
     angles = [2 * math.pi * i / len(categories) for i in range(len(categories))]
     paths: dict[str, Path] = {}
-    for scheme, chosen in strongest_per_category(rows, alpha).items():
+    for scheme, chosen in strongest_per_category(rows, alpha, budget).items():
         best = {c: (strength, str(row["attack"])) for c, (strength, row) in chosen.items()}
         values = [best.get(c, (0.0, ""))[0] for c in categories]
         fig, ax = plt.subplots(figsize=(5, 5), subplot_kw={"projection": "polar"}, layout="constrained")
@@ -322,8 +324,9 @@ def write_reports(
     paths["markdown"].write_text(markdown_table(rows) + "\n")
     alpha = float((summary or {}).get("alpha", 0.01))
     paths["categories"] = output_dir / "strongest_per_category.md"
-    paths["categories"].write_text(category_table(rows, alpha) + "\n")
-    paths.update(radar_plots(rows, output_dir, logger, alpha=alpha))
+    budget = float((summary or {}).get("accuracy_budget", 5.0))
+    paths["categories"].write_text(category_table(rows, alpha, budget) + "\n")
+    paths.update(radar_plots(rows, output_dir, logger, alpha=alpha, budget=budget))
     if logger is not None:
         from lightning.pytorch.loggers import WandbLogger
 
